@@ -1,0 +1,1 @@
+"""Stage 1: stream a HF MoE checkpoint over calibration text and record routing statistics."""

@@ -1,0 +1,151 @@
+"""`m2d calibrate`: embeddings first, then each decoder layer loaded, run over all calibration hidden states,
+statistics accumulated, hidden states passed on, layer freed. Peak memory: one decoder layer plus the
+calibration activations.
+
+Work happens in a `.NAME.partial` sibling of the output. After each layer its statistics and the hidden states
+are saved there, so a killed run started again with the same arguments continues from the last finished layer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from megatron_m2d import __version__
+from megatron_m2d.calibrate.statistics import MoEStatistics
+from megatron_m2d.calibrate.store import FORMAT_VERSION, META, Statistics, layer_file, model_fingerprint
+from megatron_m2d.calibrate.streaming import LayerStreamer
+from megatron_m2d.data.text import token_blocks
+from megatron_m2d.errors import M2DError
+from megatron_m2d.families import family_of
+from megatron_m2d.io.checkpoint import Checkpoint
+from megatron_m2d.io.writer import check_output_path, write_json
+
+HIDDEN = "hidden.safetensors"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise M2DError(f"--device {device} asked for, but no CUDA device is available")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":  # CPUs are slow and inexact in bf16; GPUs are made for it
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    if dtype not in DTYPES:
+        raise M2DError(f"unknown --dtype {dtype} (choose from auto, {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+def _load_tokenizer(model: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError) as exc:
+        raise M2DError(f"cannot load the tokenizer of {model}: {str(exc).splitlines()[0]}") from None
+
+
+def calibrate(model: str | Path, data: str, out: str | Path, tokens: int = 65536, seq_len: int = 512,
+              batch_size: int = 8, gram: bool = False, device: str = "auto", dtype: str = "auto", seed: int = 0,
+              overwrite: bool = False, progress: bool = True) -> Statistics:
+    """Record the routing statistics of every MoE layer of `model` over `tokens` tokens of `data`."""
+    out = check_output_path(out, overwrite)
+    ckpt = Checkpoint(model)
+    family = family_of(ckpt.config)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    blocks = token_blocks(_load_tokenizer(ckpt.path), data, tokens, seq_len, seed)
+    config = ckpt.config
+    run = {
+        "format_version": FORMAT_VERSION, "m2d_version": __version__, "model": str(Path(model).resolve()),
+        "model_type": config.model_type, "model_fingerprint": model_fingerprint(ckpt, family),
+        "data": str(data), "tokens": int(blocks.numel()), "tokens_requested": tokens, "seq_len": seq_len,
+        "seed": seed, "gram": gram, "dtype": str(torch_dtype).removeprefix("torch."),
+        "num_layers": config.num_hidden_layers, "moe_layers": family.moe_layers(config),
+        "num_experts": family.num_experts(config), "top_k": family.top_k(config),
+        "renormalizes": family.renormalizes(config), "routed_scaling": family.routed_scaling(config),
+    }
+    work = out.parent / f".{out.name}.partial"
+    start_layer, hidden = _resume(work, run)
+    if start_layer == 0:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        write_json(work / META, {**run, "complete": False})
+
+    streamer = LayerStreamer(ckpt, family, device, torch_dtype)
+    batches = list(blocks.split(batch_size))
+    if hidden is None:
+        hidden = [streamer.embed(batch)[0] for batch in batches]
+    else:
+        hidden = [h.to(device=device, dtype=torch_dtype) for h in hidden]
+    kwargs = [streamer.layer_kwargs(tuple(batch.shape)) for batch in batches]
+    moe_layers = set(run["moe_layers"])
+    started = time.perf_counter()
+    bar = tqdm(range(start_layer, config.num_hidden_layers), desc="calibrate", unit="layer", disable=not progress,
+               initial=start_layer, total=config.num_hidden_layers)
+    for index in bar:
+        bar.set_postfix(layer=index)
+        layer = streamer.load_layer(index)
+        stats = None
+        if index in moe_layers:
+            stats = MoEStatistics(run["num_experts"], config.hidden_size, run["top_k"], gram,
+                                  shared_gate=family.shared.gate if family.shared else None)
+            hook = layer.mlp.register_forward_pre_hook(lambda module, args: stats.update(module, args[0]))
+        with torch.no_grad():
+            for b, batch_kwargs in enumerate(kwargs):
+                hidden[b] = layer(hidden[b], **batch_kwargs[index])
+        if stats is not None:
+            hook.remove()
+            save_file(stats.sums, work / layer_file(index))
+        del layer
+        _checkpoint_hidden(work, hidden, index + 1)
+    elapsed = time.perf_counter() - started
+    (work / HIDDEN).unlink(missing_ok=True)
+    write_json(work / META, {**run, "complete": True, "seconds": round(elapsed, 2)})
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(work, out)
+    if progress:
+        layers_done = config.num_hidden_layers - start_layer
+        rate = run["tokens"] * layers_done / config.num_hidden_layers / max(elapsed, 1e-9)
+        print(f"calibrated {run['tokens']} tokens through {layers_done} layers in {elapsed:.1f} s "
+              f"({rate:,.0f} tokens/s) -> {out}")
+    return Statistics(out)
+
+
+
+def _checkpoint_hidden(work: Path, hidden: list[torch.Tensor], next_layer: int) -> None:
+    tmp = work / (HIDDEN + ".tmp")
+    save_file({f"batch_{b}": h.contiguous().cpu() for b, h in enumerate(hidden)}, tmp,
+              metadata={"next_layer": str(next_layer)})
+    os.replace(tmp, work / HIDDEN)
+
+
+def _resume(work: Path, run: dict) -> tuple[int, list[torch.Tensor] | None]:
+    """(first layer to run, saved hidden states) when `work` holds an unfinished run of the same request."""
+    try:
+        meta = json.loads((work / META).read_text())
+        if any(meta.get(key) != value for key, value in run.items()):
+            return 0, None
+        from safetensors import safe_open
+
+        with safe_open(work / HIDDEN, framework="pt") as handle:
+            next_layer = int(handle.metadata()["next_layer"])
+        saved = load_file(work / HIDDEN)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        return 0, None
+    hidden = [saved[f"batch_{b}"] for b in range(len(saved))]
+    print(f"resuming calibration in {work} at layer {next_layer}")
+    return next_layer, hidden

@@ -1,0 +1,142 @@
+"""Calibration statistics on disk: a directory of `layer_NNN.safetensors` sums plus `meta.json`.
+
+Sums, not means, are stored so that a statistics directory can be extended and checked against brute force
+exactly; `LayerStats` turns them into the per-expert quantities of methods.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from megatron_m2d.errors import M2DError
+
+META = "meta.json"
+FORMAT_VERSION = 1
+
+
+def layer_file(layer: int) -> str:
+    return f"layer_{layer:03d}.safetensors"
+
+
+def model_fingerprint(ckpt, family) -> str:
+    """Identifies the teacher: architecture plus the bytes of the first MoE router (cheap to read, and any
+    other trained model has other router weights)."""
+    config = ckpt.config
+    first = family.moe_layers(config)[0]
+    router = ckpt.get(family.block_key(first, family.router)).float().contiguous()
+    digest = hashlib.sha256(router.numpy().tobytes())
+    digest.update(json.dumps([config.model_type, config.num_hidden_layers, family.num_experts(config),
+                              config.hidden_size]).encode())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class LayerStats:
+    """Per-expert quantities of one MoE layer (notation of methods.md)."""
+
+    layer: int
+    sums: dict[str, torch.Tensor]
+    top_k: int
+
+    @property
+    def tokens(self) -> float:
+        return float(self.sums["tokens"])
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.sums["count"].numel())
+
+    @property
+    def selection_freq(self) -> torch.Tensor:  # f_i
+        return self.sums["count"].double() / self.tokens
+
+    @property
+    def preselect_prob(self) -> torch.Tensor:  # mean p_t,i
+        return self.sums["prob_sum"] / self.tokens
+
+    @property
+    def postselect_prob(self) -> torch.Tensor:  # a_i, expected routing weight
+        return self.sums["weight_sum"] / self.tokens
+
+    @property
+    def conditional_prob(self) -> torch.Tensor:  # a_i / f_i, 0 if never selected
+        count = self.sums["count"].double()
+        return torch.where(count > 0, self.sums["weight_sum"] / count.clamp(min=1), torch.zeros_like(count))
+
+    @property
+    def reap(self) -> torch.Tensor:  # mean over routed tokens of g_t,i ||E_i(x_t)||
+        count = self.sums["count"].double()
+        return torch.where(count > 0, self.sums["reap_sum"] / count.clamp(min=1), torch.zeros_like(count))
+
+    def gram(self, kind: str) -> torch.Tensor:
+        """Mean Gram: 'gated' E_t[g_i g_j <E_i, E_j>] (always recorded) or 'all' E_t[<E_i, E_j>] (--gram)."""
+        key = {"gated": "gram_gated", "all": "gram"}[kind]
+        if key not in self.sums:
+            raise M2DError("these statistics have no all-token Gram: calibrate with --gram, "
+                           "or use the gate-weighted kernel (--kernel-gram gated)")
+        return self.sums[key] / self.tokens
+
+    def mean_outputs(self) -> torch.Tensor:
+        """Per-expert mean output: over all tokens when recorded (--gram), else over the tokens routed to it."""
+        if "out_sum_all" in self.sums:
+            return self.sums["out_sum_all"] / self.tokens
+        return self.sums["out_sum"] / self.sums["count"].double().clamp(min=1).unsqueeze(1)
+
+    def logit_distances(self) -> torch.Tensor:
+        """Euclidean distances between experts' routing-logit profiles over the calibration tokens, computed
+        exactly from the second moment: ||z_i - z_j||^2 = S_ii + S_jj - 2 S_ij (per token, averaged)."""
+        second = self.sums["logit_outer"] / self.tokens
+        diag = second.diagonal()
+        return (diag[:, None] + diag[None, :] - 2 * second).clamp(min=0).sqrt()
+
+    @property
+    def mean_total_routed_weight(self) -> float:  # E_t sum_{i in S_t} g_t,i (1 when renormalised)
+        return float(self.sums["weight_sum"].sum() / self.tokens)
+
+    @property
+    def shared_gate_mean(self) -> float | None:
+        if "shared_gate_sum" not in self.sums:
+            return None
+        return float(self.sums["shared_gate_sum"] / self.tokens)
+
+
+class Statistics:
+    """A finished statistics directory."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta = self.path / META
+        if not meta.is_file():
+            raise M2DError(f"{self.path} is not a statistics directory (no {META})")
+        try:
+            self.meta = json.loads(meta.read_text())
+        except json.JSONDecodeError:
+            raise M2DError(f"corrupt {meta}") from None
+        if not self.meta.get("complete"):
+            raise M2DError(f"statistics in {self.path} are incomplete; rerun calibrate to finish them")
+        self._cache: dict[int, LayerStats] = {}
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return list(self.meta["moe_layers"])
+
+    def layer(self, index: int) -> LayerStats:
+        if index not in self._cache:
+            try:
+                sums = load_file(self.path / layer_file(index))
+            except (SafetensorError, FileNotFoundError, OSError) as exc:
+                raise M2DError(f"cannot read statistics of layer {index} in {self.path}: {exc}") from None
+            self._cache[index] = LayerStats(index, sums, int(self.meta["top_k"]))
+        return self._cache[index]
+
+    def check_matches(self, fingerprint: str, model_path) -> None:
+        if self.meta.get("model_fingerprint") != fingerprint:
+            raise M2DError(f"statistics in {self.path} were computed on another model "
+                           f"({self.meta.get('model')}), not {model_path}")

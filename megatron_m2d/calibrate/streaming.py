@@ -1,0 +1,100 @@
+"""Run a HF decoder stack one layer at a time, reading each layer's weights from disk when it is needed.
+
+The model's own classes do the computing, so calibration sees exactly what transformers computes. A skeleton
+of the whole model is built on the meta device (no memory); only the embedding and rotary tables are real, and
+every decoder layer is replaced by a catcher that records the arguments the model's forward hands to it (masks
+of the layer's attention type, rotary tables, positions). The same trick as GPTQ/AWQ calibration.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from megatron_m2d.errors import M2DError
+from megatron_m2d.families.base import LAYERS, Family
+from megatron_m2d.io.checkpoint import Checkpoint
+
+
+class _Catcher(nn.Module):
+    """Stands in for a decoder layer: records what it is called with and passes hidden states through."""
+
+    def __init__(self, index: int, record: dict, original: nn.Module):
+        super().__init__()
+        self.index, self.record = index, record
+        if hasattr(original, "attention_type"):  # read by some families' forward to pick the mask
+            self.attention_type = original.attention_type
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.record[self.index] = (hidden_states, kwargs)
+        return hidden_states
+
+
+class LayerStreamer:
+    def __init__(self, ckpt: Checkpoint, family: Family, device: str, dtype: torch.dtype):
+        self.ckpt, self.family, self.device, self.dtype = ckpt, family, torch.device(device), dtype
+        config = copy.deepcopy(ckpt.config)
+        config._attn_implementation = "sdpa"
+        config.use_cache = False
+        self.config = config
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+        base = skeleton.model
+        self.layer_classes = [type(layer) for layer in base.layers]
+        self.record: dict[int, tuple] = {}
+        base.layers = nn.ModuleList(_Catcher(i, self.record, layer) for i, layer in enumerate(base.layers))
+        embedding = ckpt.get("model.embed_tokens.weight").to(device=self.device, dtype=dtype)
+        base.embed_tokens = nn.Embedding.from_pretrained(embedding, freeze=True)
+        with torch.device(self.device):
+            base.rotary_emb = type(base.rotary_emb)(config=config)
+        base.norm = nn.Identity()
+        self.base = base
+        self._kwargs_by_shape: dict[tuple, dict[int, dict]] = {}
+
+    @torch.no_grad()
+    def embed(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[int, dict]]:
+        """Embeddings of a batch, and the keyword arguments each layer gets for batches of that shape."""
+        self.record.clear()
+        self.base(input_ids=input_ids.to(self.device), use_cache=False)
+        hidden = self.record[0][0]
+        shape = tuple(input_ids.shape)
+        if shape not in self._kwargs_by_shape:  # no padding: masks and rotary tables depend on the shape alone
+            self._kwargs_by_shape[shape] = {i: kwargs for i, (_, kwargs) in self.record.items()}
+        return hidden, self._kwargs_by_shape[shape]
+
+    def layer_kwargs(self, shape: tuple) -> dict[int, dict]:
+        if shape not in self._kwargs_by_shape:
+            self.embed(torch.zeros(shape, dtype=torch.long))
+        return self._kwargs_by_shape[shape]
+
+    def load_layer(self, index: int) -> nn.Module:
+        """Decoder layer `index` with its weights from disk, on the streamer's device and dtype."""
+        with torch.device("meta"):
+            layer = self.layer_classes[index](self.config, index)
+        wanted = layer.state_dict()
+        state = {}
+        head = f"{LAYERS}.{index}."
+        for key in self.ckpt.layer_keys(index):
+            if self.family.is_routed_expert_key(index, key):
+                continue
+            name = key[len(head):]
+            if name.startswith(self.family.moe_block + "."):
+                name = "mlp." + name[len(self.family.moe_block) + 1:]
+            state[name] = self.ckpt.get(key)
+        if "mlp.experts.gate_up_proj" in wanted:
+            experts = [self.family.read_expert(self.ckpt, index, e)
+                       for e in range(self.family.num_experts(self.config))]
+            state["mlp.experts.gate_up_proj"] = torch.stack([torch.cat([g, u], dim=0) for g, u, _ in experts])
+            state["mlp.experts.down_proj"] = torch.stack([d for _, _, d in experts])
+        missing = sorted(set(wanted) - set(state))
+        if missing:
+            raise M2DError(f"layer {index}: tensors missing from the checkpoint: {', '.join(missing[:4])}")
+        for name, tensor in state.items():
+            if name in wanted and tuple(tensor.shape) != tuple(wanted[name].shape):
+                raise M2DError(f"layer {index}: {name} has shape {tuple(tensor.shape)}, "
+                               f"config says {tuple(wanted[name].shape)}")
+        layer.load_state_dict({k: v for k, v in state.items() if k in wanted}, strict=True, assign=True)
+        return layer.to(device=self.device, dtype=self.dtype).eval()

@@ -1,0 +1,1 @@
+"""Text and token data shared by calibration, evaluation and distillation."""

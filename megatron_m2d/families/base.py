@@ -1,0 +1,153 @@
+"""The adapter interface: what an MoE family looks like on disk and what dense model it becomes.
+
+Each family file is a short declaration (names of keys and config fields); the logic that reads experts,
+decides which layers are MoE and builds the dense config lives here once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+from megatron_m2d.errors import M2DError
+
+LAYERS = "model.layers"
+
+
+@dataclass(frozen=True)
+class ExpertKeys:
+    """On-disk names of the routed experts, relative to the MoE block. Both layouts are accepted on read:
+    per-expert matrices (`{e}` is the expert index) and fused stacks over experts."""
+
+    gate: str = "experts.{e}.gate_proj.weight"  # [I, H]
+    up: str = "experts.{e}.up_proj.weight"  # [I, H]
+    down: str = "experts.{e}.down_proj.weight"  # [H, I]
+    fused_gate_up: str = "experts.gate_up_proj"  # [E, 2I, H], gate rows first, then up rows
+    fused_down: str = "experts.down_proj"  # [E, H, I]
+
+
+@dataclass(frozen=True)
+class SharedExpert:
+    """An always-on expert. `gate` names a sigmoid gate (Qwen2-MoE) whose input-dependent value is folded into
+    the down projection as its calibration mean; None means the expert is added unscaled (DeepSeek)."""
+
+    gate_proj: str = "shared_expert.gate_proj.weight"
+    up_proj: str = "shared_expert.up_proj.weight"
+    down_proj: str = "shared_expert.down_proj.weight"
+    gate: str | None = "shared_expert_gate.weight"
+    width_field: str = "shared_expert_intermediate_size"
+
+
+def _sparse_step_layers(config: PretrainedConfig) -> list[int]:
+    """Qwen2/3-MoE: layer i is MoE unless listed in mlp_only_layers or off the decoder_sparse_step grid."""
+    step = getattr(config, "decoder_sparse_step", 1) or 1
+    dense = set(getattr(config, "mlp_only_layers", []) or [])
+    return [i for i in range(config.num_hidden_layers) if i not in dense and (i + 1) % step == 0]
+
+
+def _all_layers(config: PretrainedConfig) -> list[int]:
+    return list(range(config.num_hidden_layers))
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    moe_block: str  # on-disk module name of the MoE block inside a decoder layer
+    dense_model_type: str | None  # transformers' dense class; None: the one-expert rule (families.md)
+    experts: ExpertKeys = field(default_factory=ExpertKeys)
+    router: str = "gate.weight"
+    num_experts_field: str = "num_experts"
+    top_k_field: str = "num_experts_per_tok"
+    width_field: str = "moe_intermediate_size"
+    dense_width_field: str = "intermediate_size"  # width of the teacher's own dense layers, if any
+    always_renormalizes: bool = False  # Mixtral: softmax over the selected logits
+    shared: SharedExpert | None = None
+    moe_layers_of: Callable[[PretrainedConfig], list[int]] = _all_layers
+    moe_config_fields: tuple[str, ...] = ()  # config fields that only mean something for the MoE
+
+    # ---- config facts -------------------------------------------------------------------------------------
+    def num_experts(self, config) -> int:
+        return int(getattr(config, self.num_experts_field))
+
+    def top_k(self, config) -> int:
+        return int(getattr(config, self.top_k_field))
+
+    def expert_width(self, config) -> int:
+        return int(getattr(config, self.width_field))
+
+    def renormalizes(self, config) -> bool:
+        return self.always_renormalizes or bool(getattr(config, "norm_topk_prob", False))
+
+    def routed_scaling(self, config) -> float:
+        return float(getattr(config, "routed_scaling_factor", 1.0) or 1.0)
+
+    def moe_layers(self, config) -> list[int]:
+        return self.moe_layers_of(config)
+
+    def shared_width(self, config) -> int:
+        return int(getattr(config, self.shared.width_field)) if self.shared else 0
+
+    # ---- on-disk names ------------------------------------------------------------------------------------
+    def block_key(self, layer: int, name: str) -> str:
+        return f"{LAYERS}.{layer}.{self.moe_block}.{name}"
+
+    def is_routed_expert_key(self, layer: int, key: str) -> bool:
+        head = f"{LAYERS}.{layer}.{self.moe_block}.experts."
+        return key.startswith(head)
+
+    def read_expert(self, ckpt, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gate [I, H], up [I, H], down [H, I]) of one routed expert, from either on-disk layout."""
+        keys = self.experts
+        per_expert = self.block_key(layer, keys.gate.format(e=expert))
+        if ckpt.has(per_expert):
+            return (ckpt.get(per_expert), ckpt.get(self.block_key(layer, keys.up.format(e=expert))),
+                    ckpt.get(self.block_key(layer, keys.down.format(e=expert))))
+        fused = self.block_key(layer, keys.fused_gate_up)
+        if ckpt.has(fused):
+            gate_up = ckpt.get_row(fused, expert)
+            gate, up = gate_up.chunk(2, dim=0)
+            return gate, up, ckpt.get_row(self.block_key(layer, keys.fused_down), expert)
+        raise M2DError(f"layer {layer}: no weights for expert {expert} (looked for {per_expert} and {fused})")
+
+    def read_shared(self, ckpt, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        if self.shared is None:
+            return None
+        s = self.shared
+        return tuple(ckpt.get(self.block_key(layer, name)) for name in (s.gate_proj, s.up_proj, s.down_proj))
+
+    # ---- the dense target ---------------------------------------------------------------------------------
+    def dense_layout(self, config, width: int) -> str:
+        """'dense' when transformers' dense class represents the student exactly, else 'one_expert'."""
+        if self.dense_model_type is None:
+            return "one_expert"
+        teacher_dense = [i for i in range(config.num_hidden_layers) if i not in self.moe_layers(config)]
+        if teacher_dense and int(getattr(config, self.dense_width_field)) != width:
+            # The dense class has one intermediate_size for all layers; the teacher's own dense layers keep
+            # theirs, so only the family's class (with moe widths separate from dense widths) represents both.
+            return "one_expert"
+        return "dense"
+
+    def dense_config(self, config, width: int) -> PretrainedConfig:
+        values = config.to_dict()
+        for key in ("architectures", "model_type", "transformers_version", "_name_or_path", "auto_map"):
+            values.pop(key, None)
+        if self.dense_layout(config, width) == "one_expert":
+            values.update({self.num_experts_field: 1, self.top_k_field: 1, self.width_field: width})
+            return AutoConfig.for_model(self.model_type, **values)
+        for key in self.moe_config_fields:
+            values.pop(key, None)
+        values[self.dense_width_field] = width
+        target = AutoConfig.for_model(self.dense_model_type, **values)
+        return target
+
+    def dense_ffn_keys(self, layout: str, layer: int) -> dict[str, str]:
+        """Target names of the dense FFN's gate/up/down (and, for one_expert, the router) in layer `layer`."""
+        if layout == "dense":
+            base = f"{LAYERS}.{layer}.mlp."
+            return {"gate": base + "gate_proj.weight", "up": base + "up_proj.weight", "down": base + "down_proj.weight"}
+        keys = self.experts
+        return {"gate": self.block_key(layer, keys.gate.format(e=0)), "up": self.block_key(layer, keys.up.format(e=0)),
+                "down": self.block_key(layer, keys.down.format(e=0)), "router": self.block_key(layer, self.router)}

@@ -1,0 +1,1 @@
+"""Checkpoint reading and writing (safetensors only), shared by every stage."""

@@ -1,0 +1,118 @@
+"""Streaming access to HF safetensors checkpoints: one tensor at a time, never the whole model.
+
+transformers can only load a whole model; a 30B teacher does not fit in the RAM of the machines our users
+densify on, so reading goes through `safetensors.safe_open`, which maps one shard and copies out only the
+tensors (or slices of tensors) that are asked for.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from transformers import AutoConfig, PretrainedConfig
+
+from megatron_m2d.errors import M2DError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
+
+
+class Checkpoint:
+    """A HF checkpoint directory read lazily: config at once, tensors on demand."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise M2DError(f"model directory not found: {self.path}")
+        if not (self.path / "config.json").is_file():
+            raise M2DError(f"{self.path} has no config.json: not a HF model directory")
+        try:
+            self.config: PretrainedConfig = AutoConfig.from_pretrained(self.path)
+        except (ValueError, KeyError, OSError, json.JSONDecodeError) as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise M2DError(f"cannot read the config of {self.path}: {first_line}") from None
+        self.key_to_file = self._index()
+        self._handles: dict[str, object] = {}
+
+    def _index(self) -> dict[str, str]:
+        index = self.path / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise M2DError(f"corrupt {index}: {exc}") from None
+            for name in sorted(set(weight_map.values())):
+                self._check_shard(self.path / name)
+            return dict(weight_map)
+        single = self.path / SINGLE_NAME
+        if single.is_file():
+            keys = self._check_shard(single)
+            return {key: SINGLE_NAME for key in keys}
+        if any((self.path / name).exists() for name in PICKLE_WEIGHTS):
+            raise M2DError(f"{self.path} holds pickled weights only; convert them to safetensors first "
+                           "(we never unpickle user files)")
+        raise M2DError(f"{self.path} has no {SINGLE_NAME} or {INDEX_NAME}")
+
+    @staticmethod
+    def _check_shard(shard: Path) -> list[str]:
+        """Open every shard up front so that a missing or truncated one fails before any work is done."""
+        if not shard.is_file():
+            raise M2DError(f"missing safetensors shard: {shard}")
+        try:
+            with safe_open(shard, framework="pt") as handle:
+                return list(handle.keys())
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise M2DError(f"corrupt safetensors shard {shard}: {str(exc).splitlines()[0]}") from None
+
+    def _handle(self, key: str):
+        if key not in self.key_to_file:
+            raise M2DError(f"tensor {key} is missing from the checkpoint {self.path}")
+        name = self.key_to_file[key]
+        if name not in self._handles:
+            self._handles[name] = safe_open(self.path / name, framework="pt")
+        return self._handles[name]
+
+    def keys(self) -> list[str]:
+        return list(self.key_to_file)
+
+    def has(self, key: str) -> bool:
+        return key in self.key_to_file
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self._handle(key).get_tensor(key)
+        except SafetensorError as exc:
+            raise M2DError(f"cannot read {key} from {self.path}: {str(exc).splitlines()[0]}") from None
+
+    def get_row(self, key: str, index: int) -> torch.Tensor:
+        """`tensor[index]` of a stacked (fused) tensor, reading only that slice from disk."""
+        try:
+            return self._handle(key).get_slice(key)[index]
+        except SafetensorError as exc:
+            raise M2DError(f"cannot read {key}[{index}] from {self.path}: {str(exc).splitlines()[0]}") from None
+
+    def dtype(self) -> torch.dtype:
+        """The on-disk dtype of the weights (that of the embedding matrix)."""
+        key = next((k for k in self.key_to_file if k.endswith("embed_tokens.weight")), next(iter(self.key_to_file)))
+        return _SAFETENSORS_DTYPES.get(self._handle(key).get_slice(key).get_dtype(), torch.float32)
+
+    def shape(self, key: str) -> list[int]:
+        return list(self._handle(key).get_slice(key).get_shape())
+
+    def layer_keys(self, layer: int, prefix: str = "model.layers") -> list[str]:
+        head = f"{prefix}.{layer}."
+        return [key for key in self.key_to_file if key.startswith(head)]
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,95 @@
+"""Writing outputs safely: a temporary sibling renamed into place, and sharded safetensors written as they come.
+
+transformers' `save_pretrained` needs the whole model in memory; our dense export streams one layer at a time,
+so shards are flushed as soon as they reach their size and the HF index is written at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from megatron_m2d.errors import M2DError
+
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+def check_output_path(out: str | Path, overwrite: bool) -> Path:
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise M2DError(f"output path {out} exists; pass --overwrite to replace it")
+    if not out.parent.exists():
+        raise M2DError(f"parent directory of {out} does not exist")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str | Path, overwrite: bool = False):
+    """Yield a temporary sibling directory; on success it replaces `out`, on any error it is removed."""
+    out = check_output_path(out, overwrite)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    os.replace(tmp, out)
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+class ShardedWriter:
+    """Collects tensors and writes `model-0000i-of-0000n.safetensors` shards plus the HF index."""
+
+    def __init__(self, directory: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+        self.directory = directory
+        self.max_shard_bytes = max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.pending or any(name in shard for shard in self.shards):
+            raise ValueError(f"tensor {name} written twice")
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
+            self.flush()
+        self.pending[name] = tensor.detach().contiguous().cpu()
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        number = len(self.shards) + 1
+        save_file(self.pending, self.directory / f"shard-{number:05d}.tmp", metadata={"format": "pt"})
+        self.shards.append(sorted(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        """Give the shards their final names and write the index."""
+        self.flush()
+        count = len(self.shards)
+        weight_map = {}
+        for number, names in enumerate(self.shards, start=1):
+            final = f"model-{number:05d}-of-{count:05d}.safetensors"
+            os.replace(self.directory / f"shard-{number:05d}.tmp", self.directory / final)
+            weight_map.update({name: final for name in names})
+        # Always an index, even for one shard: every HF loader and vLLM read it, and tools can rely on it.
+        write_json(self.directory / "model.safetensors.index.json",
+                   {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))})

@@ -1,0 +1,87 @@
+"""Tiny MoE checkpoints of every supported family, built locally in well under a second.
+
+Used by the tests and by the embedded default of the quick start. The tokenizer is byte-level with no merges
+(259 ids: 256 bytes + 3 specials), so it needs no training and no download and round-trips any text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+SPECIALS = ["<|endoftext|>", "<|pad|>", "<|bos|>"]
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {char: i for i, char in enumerate(sorted(alphabet))}
+    for special in SPECIALS:
+        vocab[special] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens(SPECIALS)
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token=SPECIALS[0], pad_token=SPECIALS[1],
+                                   bos_token=SPECIALS[2])
+
+
+VOCAB = 256 + len(SPECIALS)
+
+# Per family: the config fields that make a small MoE (4-8 experts, top-2).
+FAMILY_CONFIGS = {
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+                      head_dim=16, intermediate_size=64),
+    "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=False,
+                      shared_expert_intermediate_size=48, intermediate_size=64),
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32, head_dim=16),
+    "olmoe": dict(num_experts=8, num_experts_per_tok=2, intermediate_size=32, norm_topk_prob=False),
+}
+
+
+def tiny_config(model_type: str, layers: int = 2, hidden: int = 64, **overrides):
+    fields = dict(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, eos_token_id=256, pad_token_id=257,
+                  bos_token_id=258, tie_word_embeddings=False)
+    fields.update(FAMILY_CONFIGS[model_type])
+    fields.update(overrides)
+    return AutoConfig.for_model(model_type, **fields)
+
+
+def build_tiny_moe(path: str | Path, model_type: str = "qwen3_moe", seed: int = 0, layers: int = 2,
+                   hidden: int = 64, dtype: torch.dtype = torch.float32, edit=None, **overrides) -> Path:
+    """Save a random tiny MoE with the byte tokenizer at `path`. `edit(model)` may change weights first."""
+    torch.manual_seed(seed)
+    config = tiny_config(model_type, layers=layers, hidden=hidden, **overrides)
+    model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    with torch.no_grad():  # transformers' init is tiny (std 0.02); larger weights make routing non-trivial
+        for name, param in model.named_parameters():
+            if name.endswith("gate.weight") and param.dim() == 2:
+                param.normal_(0.0, 0.5)
+    if edit is not None:
+        with torch.no_grad():
+            edit(model)
+    path = Path(path)
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+SAMPLE_TEXT = (
+    "The quick brown fox jumps over the lazy dog. A mixture of experts routes every token to a few of its "
+    "experts; a dense model runs one wide feed-forward network for every token. Calibration text shows which "
+    "experts matter, and the dense student keeps those. "
+)
+
+
+def write_sample_text(path: str | Path, documents: int = 8, repeat: int = 6) -> Path:
+    """A small calibration corpus: `documents` .txt files with varied text."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    words = SAMPLE_TEXT.split()
+    for d in range(documents):
+        rotated = " ".join(words[d % len(words):] + words[: d % len(words)])
+        (path / f"doc{d:02d}.txt").write_text((rotated + f" Document {d}. ") * repeat)
+    return path
