@@ -1,0 +1,1 @@
+"""Stage 2: scores -> plan -> dense weights. Never imports Megatron."""

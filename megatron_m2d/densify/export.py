@@ -1,0 +1,148 @@
+"""Write the dense student as a HF checkpoint that plain transformers loads, one layer at a time.
+
+Every tensor outside the MoE blocks is copied as it is; each MoE block becomes one dense SwiGLU FFN built from
+its plan. Only the kept experts of one layer are ever in memory.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
+
+from megatron_m2d.densify.merge import concat_dense, merge_group
+from megatron_m2d.densify.plan import LayerPlan, Method
+from megatron_m2d.errors import M2DError
+from megatron_m2d.families.base import LAYERS, Family
+from megatron_m2d.io.checkpoint import Checkpoint
+from megatron_m2d.io.writer import ShardedWriter
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+SKIPPED_FILES = ("config.json", "README.md", "m2d_plan.json")
+
+
+def dense_width(family: Family, config, groups: int) -> tuple[str, int]:
+    """(layout, FFN width) of the student: k group representatives, plus the shared expert when it is folded
+    into a dense class (the one-expert layout keeps the family's own shared expert and gate instead)."""
+    routed = groups * family.expert_width(config)
+    with_shared = routed + family.shared_width(config)
+    if family.dense_layout(config, with_shared) == "dense":
+        return "dense", with_shared
+    return "one_expert", routed
+
+
+def _layer_of(key: str) -> int | None:
+    if not key.startswith(LAYERS + "."):
+        return None
+    return int(key[len(LAYERS) + 1:].split(".", 1)[0])
+
+
+def build_ffn(ckpt: Checkpoint, family: Family, plan: LayerPlan, method: Method, layout: str):
+    """Dense (gate, up, down) of one MoE layer, in float64."""
+    reps = []
+    for members, weights in zip(plan.groups, plan.merge_weights):
+        experts = [family.read_expert(ckpt, plan.layer, e) for e in members]
+        reps.append(merge_group(experts, torch.tensor(weights, dtype=torch.float64), method.merge, method.merge_alpha))
+    shared = family.read_shared(ckpt, plan.layer) if layout == "dense" else None
+    shared_scale = plan.shared_scale if plan.shared_scale is not None else 1.0
+    return concat_dense(reps, plan.scales, shared, shared_scale)
+
+
+def write_dense(ckpt: Checkpoint, family: Family, plans: dict[int, LayerPlan], method: Method, out: Path,
+                progress: bool = True) -> dict:
+    """Write weights, config and tokenizer files of the dense student into the (temporary) directory `out`."""
+    config = ckpt.config
+    layout, width = dense_width(family, config, method.groups)
+    target = family.dense_config(config, width)
+    dtype = ckpt.dtype()
+    target.dtype = dtype
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(target)
+    target.architectures = [type(skeleton).__name__]
+    expected = _disk_layout({name: tuple(t.shape) for name, t in skeleton.state_dict().items()}, family, layout)
+    tied = bool(getattr(target, "tie_word_embeddings", False))
+
+    writer = ShardedWriter(out)
+    by_layer: dict[int | None, list[str]] = {}
+    for key in ckpt.keys():
+        by_layer.setdefault(_layer_of(key), []).append(key)
+    written: set[str] = set()
+
+    def put(name: str, tensor: torch.Tensor) -> None:
+        if name in expected and tuple(tensor.shape) != expected[name]:
+            raise M2DError(f"internal error: {name} has shape {tuple(tensor.shape)}, the dense model wants "
+                           f"{expected[name]}")
+        writer.add(name, tensor.to(dtype))
+        written.add(name)
+
+    for key in by_layer.get(None, []):
+        if tied and key == "lm_head.weight":
+            continue
+        put(key, ckpt.get(key))
+    for layer in tqdm(range(config.num_hidden_layers), desc="densify", unit="layer", disable=not progress):
+        plan = plans.get(layer)
+        block = f"{LAYERS}.{layer}.{family.moe_block}."
+        for key in by_layer.get(layer, []):
+            if plan is not None and key.startswith(block):
+                keep_shared = layout == "one_expert" and family.shared and not family.is_routed_expert_key(layer, key) \
+                    and key != family.block_key(layer, family.router)
+                if not keep_shared:
+                    continue  # replaced by the dense FFN below
+            put(key, ckpt.get(key))
+        if plan is None:
+            continue
+        gate, up, down = build_ffn(ckpt, family, plan, method, layout)
+        names = family.dense_ffn_keys(layout, layer)
+        put(names["gate"], gate)
+        put(names["up"], up)
+        put(names["down"], down)
+        if layout == "one_expert":  # a single expert: its softmax weight is exactly 1.0 whatever the logit
+            put(names["router"], torch.zeros(1, config.hidden_size))
+
+    for name in sorted(set(expected) - written):
+        if name.endswith(".bias"):  # the dense class has a bias the teacher lacked (Qwen2 qkv): zero is exact
+            put(name, torch.zeros(expected[name]))
+        else:
+            raise M2DError(f"internal error: the dense model expects {name}, which the export did not write")
+    for name in sorted(written):
+        if name not in expected:
+            raise M2DError(f"internal error: the export wrote {name}, which the dense model does not have")
+    writer.close()
+    target.save_pretrained(out)
+    _copy_side_files(ckpt.path, out)
+    return {"layout": layout, "width": width, "architecture": target.architectures[0],
+            "dtype": str(dtype).removeprefix("torch."), "bytes": writer.total_bytes}
+
+
+def _disk_layout(in_memory: dict[str, tuple], family: Family, layout: str) -> dict[str, tuple]:
+    """transformers >= 5 keeps experts fused in memory ([E, 2I, H]) but saves them per expert, as the hub and
+    vLLM expect; translate the one-expert student's in-memory names to the on-disk ones we write."""
+    if layout != "one_expert":
+        return in_memory
+    out = {}
+    for name, shape in in_memory.items():
+        layer = _layer_of(name)
+        if layer is None or f".{layer}.mlp." not in name:
+            out[name] = shape
+            continue
+        keys = family.dense_ffn_keys(layout, layer)
+        if name.endswith("mlp.experts.gate_up_proj"):
+            out[keys["gate"]] = out[keys["up"]] = (shape[1] // 2, shape[2])
+        elif name.endswith("mlp.experts.down_proj"):
+            out[keys["down"]] = (shape[1], shape[2])
+        else:
+            out[name.replace(f".{layer}.mlp.", f".{layer}.{family.moe_block}.")] = shape
+    return out
+
+
+def _copy_side_files(source: Path, out: Path) -> None:
+    """Tokenizer files, generation config, chat templates: everything but weights, config and model card."""
+    for path in source.iterdir():
+        if not path.is_file() or path.name in WEIGHT_FILES + SKIPPED_FILES or path.suffix == ".safetensors":
+            continue
+        if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+            continue
+        shutil.copy2(path, out / path.name)

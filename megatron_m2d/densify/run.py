@@ -1,0 +1,121 @@
+"""`m2d densify`: statistics -> scores -> plan -> a dense HF checkpoint, its plan and its model card."""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_m2d import __version__
+from megatron_m2d.calibrate.run import calibrate
+from megatron_m2d.calibrate.store import Statistics, model_fingerprint
+from megatron_m2d.densify.export import write_dense
+from megatron_m2d.densify.grouping import GroupingFeatures
+from megatron_m2d.densify.plan import LayerPlan, Method, expert_weight_loader, plan_layer
+from megatron_m2d.errors import M2DError
+from megatron_m2d.families import family_of
+from megatron_m2d.io.checkpoint import Checkpoint
+from megatron_m2d.io.writer import atomic_directory, check_output_path, write_json
+
+PLAN_FILE = "m2d_plan.json"
+STATS_DIR = "m2d_stats"
+
+
+@dataclass
+class DensifyResult:
+    path: Path
+    plan: dict
+
+
+def make_plans(ckpt: Checkpoint, family, stats: Statistics, method: Method) -> dict[int, LayerPlan]:
+    config = ckpt.config
+    fold = family.shared is not None and family.shared.gate is not None
+    plans = {}
+    for layer in family.moe_layers(config):
+        features = GroupingFeatures(stats.layer(layer), expert_weight_loader(ckpt, family, layer))
+        plans[layer] = plan_layer(stats.layer(layer), method, features, family.routed_scaling(config), fold)
+    return plans
+
+
+def densify(model: str | Path, out: str | Path, scoring: str, select: int | None = None,
+            groups: int | None = None, stats: str | Path | None = None, data: str | None = None,
+            overwrite: bool = False, progress: bool = True, calibration: dict | None = None,
+            **method_options) -> DensifyResult:
+    """Densify `model` into `out`. Defaults: k = the model's top-k, K = k. `method_options` are the other
+    fields of `Method` (grouping, scaling, merge, merge_alpha, kernel, seed). Without `stats`, calibrates on
+    `data` first (keyword arguments of `calibrate` in `calibration`) and keeps the statistics in out/m2d_stats."""
+    out = check_output_path(out, overwrite)
+    ckpt = Checkpoint(model)
+    family = family_of(ckpt.config)
+    top_k = family.top_k(ckpt.config)
+    groups = top_k if groups is None else groups
+    method = Method(scoring=scoring, select=groups if select is None else select, groups=groups, **method_options)
+    method.validate(family.num_experts(ckpt.config))
+    fingerprint = model_fingerprint(ckpt, family)
+    if stats is None and data is None:
+        raise M2DError("densify needs --stats, or --data to calibrate first")
+
+    with atomic_directory(out, overwrite) as tmp:
+        if stats is None:
+            statistics = calibrate(model, data, tmp / STATS_DIR, progress=progress, **(calibration or {}))
+        else:
+            statistics = Statistics(stats)
+        statistics.check_matches(fingerprint, model)
+        plans = make_plans(ckpt, family, statistics, method)
+        export = write_dense(ckpt, family, plans, method, tmp, progress=progress)
+        plan = {
+            "m2d_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "teacher": {"path": str(Path(model).resolve()), "model_type": ckpt.config.model_type,
+                        "num_experts": family.num_experts(ckpt.config), "top_k": top_k,
+                        "expert_width": family.expert_width(ckpt.config), "fingerprint": fingerprint},
+            "calibration": {key: statistics.meta.get(key) for key in ("data", "tokens", "seq_len", "seed", "gram")},
+            "method": method.to_json(),
+            "student": export,
+            "layers": {str(layer): p.to_json() for layer, p in plans.items()},
+        }
+        write_json(tmp / PLAN_FILE, plan)
+        (tmp / "README.md").write_text(model_card(plan))
+    if progress:
+        print(f"wrote {export['architecture']} (FFN width {export['width']}, {export['bytes'] / 1e6:.1f} MB) -> {out}")
+    return DensifyResult(out, plan)
+
+
+def model_card(plan: dict) -> str:
+    teacher, method, student, calib = plan["teacher"], plan["method"], plan["student"], plan["calibration"]
+    layout_note = {
+        "dense": f"a standard `{student['architecture']}`: every runtime that serves that class serves this model.",
+        "one_expert": (f"`{student['architecture']}` with ONE expert of width {student['width']} and top-1 routing "
+                       "(its softmax weight is exactly 1.0), because transformers has no dense class with this "
+                       "family's attention and norms; compute is dense."),
+    }[student["layout"]]
+    rows = "\n".join(
+        f"| {layer} | {p['selected']} | {p['groups']} | {[round(s, 4) for s in p['scales']]} |"
+        for layer, p in plan["layers"].items())
+    return f"""---
+library_name: transformers
+tags: [megatron_m2d, moe-to-dense, pruning]
+---
+# Dense student of `{teacher['path']}`
+
+Made by megatron_m2d {plan['m2d_version']} on {plan['created']} from a {teacher['model_type']} MoE
+({teacher['num_experts']} experts, top-{teacher['top_k']}, expert width {teacher['expert_width']}).
+
+The model is {layout_note}
+
+## How it was made
+- Calibration: {calib['tokens']} tokens of `{calib['data']}` (sequence length {calib['seq_len']}, seed {calib['seed']},
+  all-token Gram: {calib['gram']}).
+- Scoring `{method['scoring']}`, K = {method['select']} experts kept per layer, grouped into k = {method['groups']}
+  groups by `{method['grouping']}`, merged by `{method['merge']}`, down projections scaled `{method['scaling']}`.
+- D-optimal kernel (gram_logdet / gld_reap only): {method['kernel']}.
+- Dense FFN width {student['width']}, dtype {student['dtype']}. Not distilled yet: expect a quality gap to the
+  teacher until it is (`m2d distill`).
+
+## Kept experts per MoE layer
+| layer | kept (most important first) | groups | down scales |
+|---|---|---|---|
+{rows}
+
+The full plan (merge weights, importance scores) is in `m2d_plan.json`.
+"""

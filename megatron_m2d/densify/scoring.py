@@ -1,0 +1,116 @@
+"""Expert scorings (methods.md): each a small pure function from a layer's statistics to the K kept experts.
+
+Every scoring returns the kept experts most important first, and a non-negative importance per expert that
+later ranks them inside groups and weights their merge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from megatron_m2d.calibrate.store import LayerStats
+from megatron_m2d.errors import M2DError
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """How the D-optimal kernel K = diag(sqrt w) G diag(sqrt w) is built (methods.md leaves it open).
+
+    gram: 'gated' uses G_ij = E_t[g_i g_j <E_i, E_j>] (routing weights zero for unselected experts): measured
+          on a trained MoE to pick far better experts than the raw Gram, and it needs no --gram pass.
+          'all' is the paper's E_t[<E_i, E_j>] over every token, recorded by `calibrate --gram`.
+    activation: the ACP weight of gld_reap. 'reap' is REAP's routed-token mean of g ||E_i||; 'rms' is the
+          public re-implementation's CP_i * sqrt(E_t ||E_i||^2) over all tokens (needs --gram).
+    lambda_scale: the ridge is lambda = lambda_scale * mean(diag K) / k (the re-implementation's rule at 1).
+    """
+
+    gram: str = "gated"
+    activation: str = "reap"
+    lambda_scale: float = 1.0
+
+    def __post_init__(self):
+        if self.gram not in ("gated", "all"):
+            raise M2DError(f"unknown kernel Gram {self.gram!r} (gated, all)")
+        if self.activation not in ("reap", "rms"):
+            raise M2DError(f"unknown kernel activation {self.activation!r} (reap, rms)")
+        if not self.lambda_scale > 0:
+            raise M2DError("the kernel's lambda scale must be positive")
+
+
+@dataclass
+class Selection:
+    experts: list[int]  # kept experts, most important first
+    importance: torch.Tensor  # [E] float64, >= 0
+
+
+def _top(scores: torch.Tensor, select: int) -> Selection:
+    # Stable sort: ties go to the lower expert index, so results never depend on the sort implementation.
+    order = sorted(range(scores.numel()), key=lambda e: (-float(scores[e]), e))
+    return Selection(order[:select], scores.double().clamp(min=0))
+
+
+def greedy_logdet(kernel: torch.Tensor, select: int, ridge: float) -> list[int]:
+    """Greedy D-optimal design: repeatedly add the expert e maximising logdet(L[S+e, S+e]), L = K + ridge I.
+
+    Incremental Cholesky (the fast greedy MAP of Chen et al., 2018): d2[e] is the Schur complement of e given
+    S, so log d2[e] is exactly the marginal log-det gain; O(E K^2) instead of a determinant per candidate.
+    """
+    L = kernel.double() + ridge * torch.eye(kernel.shape[0], dtype=torch.float64)
+    n = L.shape[0]
+    d2 = L.diagonal().clone()
+    factors = torch.zeros(select, n, dtype=torch.float64)
+    chosen: list[int] = []
+    available = torch.ones(n, dtype=torch.bool)
+    for step in range(select):
+        gains = torch.where(available, d2, torch.full_like(d2, -torch.inf))
+        best = int(torch.argmax(gains))  # first index among equal gains
+        chosen.append(best)
+        available[best] = False
+        if step + 1 == select:
+            break
+        row = (L[best] - factors[:step].T @ factors[:step, best]) / d2[best].clamp(min=1e-300).sqrt()
+        factors[step] = row
+        d2 = d2 - row**2
+    return chosen
+
+
+def _d_optimal(stats: LayerStats, select: int, groups: int, weight: torch.Tensor, options: KernelOptions) -> Selection:
+    gram = stats.gram(options.gram)
+    root = weight.double().clamp(min=0).sqrt()
+    kernel = root[:, None] * gram * root[None, :]
+    ridge = options.lambda_scale * float(kernel.diagonal().mean()) / groups
+    if ridge <= 0:  # an all-zero kernel (no expert ever routed) leaves nothing to choose by
+        ridge = options.lambda_scale
+    return Selection(greedy_logdet(kernel, select, ridge), weight.double().clamp(min=0))
+
+
+def _acp(stats: LayerStats, options: KernelOptions) -> torch.Tensor:
+    if options.activation == "rms":
+        return stats.conditional_prob * stats.gram("all").diagonal().clamp(min=0).sqrt()
+    return stats.reap
+
+
+ScoringFn = Callable[[LayerStats, int, int, KernelOptions, torch.Generator], Selection]
+
+SCORINGS: dict[str, ScoringFn] = {
+    "selection_freq": lambda s, K, k, o, g: _top(s.selection_freq, K),
+    "preselect_prob": lambda s, K, k, o, g: _top(s.preselect_prob, K),
+    "postselect_prob": lambda s, K, k, o, g: _top(s.postselect_prob, K),
+    "conditional_prob": lambda s, K, k, o, g: _top(s.conditional_prob, K),
+    "reap": lambda s, K, k, o, g: _top(s.reap, K),
+    "gram_logdet": lambda s, K, k, o, g: _d_optimal(s, K, k, s.conditional_prob, o),
+    "gld_reap": lambda s, K, k, o, g: _d_optimal(s, K, k, _acp(s, o), o),
+    "random": lambda s, K, k, o, g: Selection(torch.randperm(s.num_experts, generator=g)[:K].tolist(),
+                                              torch.ones(s.num_experts, dtype=torch.float64)),
+}
+
+
+def score_layer(stats: LayerStats, scoring: str, select: int, groups: int, options: KernelOptions,
+                seed: int) -> Selection:
+    if scoring not in SCORINGS:
+        raise M2DError(f"unknown scoring {scoring!r} (choose from {', '.join(SCORINGS)})")
+    generator = torch.Generator().manual_seed(seed * 100003 + stats.layer)  # each layer its own stream
+    return SCORINGS[scoring](stats, select, groups, options, generator)
