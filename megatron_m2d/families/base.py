@@ -6,6 +6,8 @@ decides which layers are MoE and builds the dense config lives here once.
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -131,17 +133,20 @@ class Family:
         return "dense"
 
     def dense_config(self, config, width: int) -> PretrainedConfig:
+        if self.dense_layout(config, width) == "one_expert":
+            target = copy.deepcopy(config)  # setattr, not a dict: configs alias fields (num_experts)
+            for name, value in ((self.num_experts_field, 1), (self.top_k_field, 1), (self.width_field, width)):
+                setattr(target, name, value)
+            return target
         values = config.to_dict()
+        aliases = getattr(config, "attribute_map", {})
         for key in ("architectures", "model_type", "transformers_version", "_name_or_path", "auto_map"):
             values.pop(key, None)
-        if self.dense_layout(config, width) == "one_expert":
-            values.update({self.num_experts_field: 1, self.top_k_field: 1, self.width_field: width})
-            return AutoConfig.for_model(self.model_type, **values)
         for key in self.moe_config_fields:
             values.pop(key, None)
+            values.pop(aliases.get(key, key), None)
         values[self.dense_width_field] = width
-        target = AutoConfig.for_model(self.dense_model_type, **values)
-        return target
+        return AutoConfig.for_model(self.dense_model_type, **values)
 
     def dense_ffn_keys(self, layout: str, layer: int) -> dict[str, str]:
         """Target names of the dense FFN's gate/up/down (and, for one_expert, the router) in layer `layer`."""

@@ -1,0 +1,99 @@
+"""Where the MoE -> dense transformation is exact, the dense logits must equal the MoE logits.
+
+Tolerance: fp32 throughout; the dense FFN computes the same products as the MoE but sums them in another order
+(one wide matmul instead of k small ones plus index_add), so differences are fp32 re-association noise, ~1e-6
+relative. atol = 1e-4 on logits of magnitude ~1 leaves two orders of margin and still fails on any real error
+(a wrong scale, expert or layer changes logits by >= 1e-2 on these models).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from megatron_m2d.densify.run import densify
+from tests.conftest import FAMILIES
+
+ATOL = 1e-4
+
+
+def logits(path, ids):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def load_report(path):
+    _, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    return {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+
+
+def identical_experts(model):
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        if hasattr(mlp, "experts"):
+            mlp.experts.gate_up_proj[:] = mlp.experts.gate_up_proj[0].clone()
+            mlp.experts.down_proj[:] = mlp.experts.down_proj[0].clone()
+        if hasattr(mlp, "shared_expert_gate"):  # a constant sigmoid gate (0.5): its calibration mean is exact
+            mlp.shared_expert_gate.weight.zero_()
+
+
+def constant_router(model):
+    for layer in model.model.layers:
+        if hasattr(layer.mlp, "gate"):
+            layer.mlp.gate.weight.zero_()
+        if hasattr(layer.mlp, "shared_expert_gate"):
+            layer.mlp.shared_expert_gate.weight.zero_()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("select,grouping", [(2, "round_robin"), (5, "output_cluster")])
+def test_identical_experts_are_exact(family, select, grouping, tiny, text_dir, tmp_path):
+    """(a) All experts identical, renormalising router, uniform scaling: dense == MoE. With K > k the groups
+    merge identical experts, which is still exact."""
+    extra = {} if family == "mixtral" else {"norm_topk_prob": True}
+    teacher = tiny(family, edit=identical_experts, **extra)
+    student = densify(teacher, tmp_path / "dense", "selection_freq", select=select, grouping=grouping,
+                      data=str(text_dir), progress=False, calibration=dict(tokens=512, seq_len=64)).path
+    assert load_report(student) == {}
+    ids = torch.randint(0, 259, (2, 24), generator=torch.Generator().manual_seed(1))
+    expected, got = logits(teacher, ids), logits(student, ids)
+    assert torch.allclose(got, expected, atol=ATOL, rtol=0), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_all_experts_active_constant_router_is_exact(family, tiny, text_dir, tmp_path):
+    """(b) top-k = E, constant router, K = E: each expert weighs 1/E, as uniform scaling gives."""
+    num_experts = 4
+    field = "num_local_experts" if family == "mixtral" else "num_experts"
+    teacher = tiny(family, edit=constant_router, **{field: num_experts, "num_experts_per_tok": num_experts})
+    student = densify(teacher, tmp_path / "dense", "conditional_prob", select=num_experts,
+                      data=str(text_dir), progress=False, calibration=dict(tokens=512, seq_len=64)).path
+    ids = torch.randint(0, 259, (2, 24), generator=torch.Generator().manual_seed(2))
+    expected, got = logits(teacher, ids), logits(student, ids)
+    assert torch.allclose(got, expected, atol=ATOL, rtol=0), (got - expected).abs().max()
+
+
+def test_pruning_changes_logits(tiny, text_dir, tmp_path):
+    """The exactness tests above could pass vacuously if the FFN did not matter: with distinct experts and K < E
+    the dense model must differ from the teacher."""
+    teacher = tiny("qwen3_moe")
+    student = densify(teacher, tmp_path / "dense", "selection_freq", data=str(text_dir), progress=False,
+                      calibration=dict(tokens=512, seq_len=64)).path
+    ids = torch.randint(0, 259, (2, 24), generator=torch.Generator().manual_seed(3))
+    assert (logits(student, ids) - logits(teacher, ids)).abs().max() > 1e-3
+
+
+def test_teacher_dense_layers_of_another_width_use_the_one_expert_layout(tiny, text_dir, tmp_path):
+    """Qwen3-MoE with an mlp_only layer wider than k*I: the dense class cannot hold two widths, so the student is
+    a Qwen3-MoE with one expert; the teacher's dense layer is copied and the result is still exact."""
+    teacher = tiny("qwen3_moe", layers=3, mlp_only_layers=[1], intermediate_size=96, edit=identical_experts)
+    result = densify(teacher, tmp_path / "dense", "reap", data=str(text_dir), progress=False,
+                     calibration=dict(tokens=512, seq_len=64))
+    assert result.plan["student"]["layout"] == "one_expert"
+    assert result.plan["student"]["architecture"] == "Qwen3MoeForCausalLM"
+    assert sorted(result.plan["layers"]) == ["0", "2"]
+    assert load_report(result.path) == {}
+    ids = torch.randint(0, 259, (2, 24), generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(logits(result.path, ids), logits(teacher, ids), atol=ATOL, rtol=0)

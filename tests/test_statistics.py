@@ -1,0 +1,138 @@
+"""Streaming calibration statistics equal a brute-force reference from the full HF model on the same tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from megatron_m2d.calibrate import run as calibrate_run
+from megatron_m2d.calibrate.run import calibrate
+from megatron_m2d.calibrate.statistics import expert_forward
+from megatron_m2d.data.text import token_blocks
+from megatron_m2d.families import family_of
+from tests.conftest import FAMILIES
+
+TOKENS, SEQ = 640, 64
+
+
+def brute_force(model_path, text_dir):
+    """Per MoE layer: routing sums from the HF model's own router logits, and Gram/REAP sums from its experts
+    run on the MoE inputs captured by hooks. Plain loops over tokens, no vectorised tricks."""
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    ids = token_blocks(tokenizer, str(text_dir), TOKENS, SEQ, seed=0)
+    family = family_of(model.config)
+    inputs = {}
+    hooks = [layer.mlp.register_forward_pre_hook(lambda m, a, i=i: inputs.setdefault(i, []).append(a[0]))
+             for i, layer in enumerate(model.model.layers) if i in family.moe_layers(model.config)]
+    with torch.no_grad():
+        router_logits = model(input_ids=ids, output_router_logits=True).router_logits
+    for hook in hooks:
+        hook.remove()
+    k, E = family.top_k(model.config), family.num_experts(model.config)
+    reference = {}
+    for position, layer in enumerate(family.moe_layers(model.config)):
+        z = router_logits[position].double()
+        p = torch.softmax(z, dim=-1)
+        top = torch.topk(p, k, dim=-1)
+        g = top.values / top.values.sum(-1, keepdim=True) if family.renormalizes(model.config) else top.values
+        x = torch.cat(inputs[layer]).reshape(-1, model.config.hidden_size)
+        experts = model.model.layers[layer].mlp.experts
+        with torch.no_grad():
+            outputs = torch.stack([expert_forward(experts, e, x) for e in range(E)]).double()  # [E, T, H]
+        count = torch.zeros(E, dtype=torch.int64)
+        weight, reap = torch.zeros(E, dtype=torch.float64), torch.zeros(E, dtype=torch.float64)
+        gated = torch.zeros(E, E, dtype=torch.float64)
+        for t in range(x.shape[0]):
+            for slot in range(k):
+                i = int(top.indices[t, slot])
+                count[i] += 1
+                weight[i] += g[t, slot]
+                reap[i] += g[t, slot] * outputs[i, t].norm()
+                for slot2 in range(k):
+                    j = int(top.indices[t, slot2])
+                    gated[i, j] += g[t, slot] * g[t, slot2] * outputs[i, t].dot(outputs[j, t])
+        flat = outputs.reshape(E, -1)
+        reference[layer] = {"tokens": x.shape[0], "count": count, "prob_sum": p.sum(0), "weight_sum": weight,
+                            "reap_sum": reap, "gram_gated": gated, "gram": flat @ flat.T,
+                            "logit_outer": z.T @ z, "out_sum_all": outputs.sum(1)}
+        if family.shared is not None:
+            gate = model.model.layers[layer].mlp.shared_expert_gate
+            with torch.no_grad():
+                reference[layer]["shared_gate_sum"] = torch.sigmoid(gate(x).double()).sum()
+    return reference
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_streaming_statistics_match_brute_force(family, tiny, text_dir, tmp_path, monkeypatch):
+    model = tiny(family, layers=2)
+    reference = brute_force(model, text_dir)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("calibration must stream layers, not load the whole model")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    stats = calibrate(model, str(text_dir), tmp_path / "stats", tokens=TOKENS, seq_len=SEQ, batch_size=3,
+                      gram=True, progress=False)
+    assert stats.meta["tokens"] == TOKENS
+    for layer, ref in reference.items():
+        sums = stats.layer(layer).sums
+        assert float(sums["tokens"]) == ref["tokens"]
+        assert torch.equal(sums["count"], ref["count"])  # counts exact
+        for name, value in ref.items():
+            if name in ("tokens", "count"):
+                continue
+            # Sums over 640 tokens of fp32 quantities: per-token fp32 error ~1e-7 relative, so 1e-5 absolute on
+            # sums of order 1 (routing) and 1e-5 relative on the Gram (values up to ~1e2) is a tight bound.
+            assert torch.allclose(sums[name], value, atol=1e-5, rtol=1e-5), (name, (sums[name] - value).abs().max())
+        # derived quantities follow their definitions
+        derived = stats.layer(layer)
+        assert torch.allclose(derived.selection_freq, ref["count"].double() / TOKENS)
+        assert float(derived.selection_freq.sum()) == pytest.approx(derived.top_k)
+
+
+def test_calibration_resumes_after_a_kill(tiny, text_dir, tmp_path, monkeypatch):
+    model = tiny("qwen2_moe", layers=3)
+    fresh = calibrate(model, str(text_dir), tmp_path / "fresh", tokens=TOKENS, seq_len=SEQ, progress=False)
+
+    original = calibrate_run.LayerStreamer.load_layer
+    loaded = []
+
+    def dies_at_layer_2(self, index):
+        loaded.append(index)
+        if index == 2 and len(loaded) < 4:
+            raise KeyboardInterrupt("killed")
+        return original(self, index)
+
+    monkeypatch.setattr(calibrate_run.LayerStreamer, "load_layer", dies_at_layer_2)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(model, str(text_dir), out, tokens=TOKENS, seq_len=SEQ, progress=False)
+    assert not out.exists() and (tmp_path / ".resumed.partial").is_dir()
+    resumed = calibrate(model, str(text_dir), out, tokens=TOKENS, seq_len=SEQ, progress=False)
+    assert loaded == [0, 1, 2, 2]  # the second run started at the layer the first one died in
+    assert not (tmp_path / ".resumed.partial").exists()
+    for layer in resumed.moe_layers:
+        for name, value in fresh.layer(layer).sums.items():
+            assert torch.equal(resumed.layer(layer).sums[name], value), name
+
+
+def test_other_request_does_not_resume(tiny, text_dir, tmp_path, monkeypatch):
+    """A partial run with other settings (here: another seed) is discarded, not continued."""
+    model = tiny("qwen3_moe", layers=2)
+    original = calibrate_run.LayerStreamer.load_layer
+    calls = []
+
+    def dies_at_layer_1(self, index):
+        calls.append(index)
+        if index == 1 and len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, index)
+
+    monkeypatch.setattr(calibrate_run.LayerStreamer, "load_layer", dies_at_layer_1)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(model, str(text_dir), tmp_path / "s", tokens=TOKENS, seq_len=SEQ, seed=0, progress=False)
+    calibrate(model, str(text_dir), tmp_path / "s", tokens=TOKENS, seq_len=SEQ, seed=1, progress=False)
+    assert calls == [0, 1, 0, 1]
