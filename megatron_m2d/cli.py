@@ -45,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scaling", default="uniform", choices=list(SCALINGS))
     p.add_argument("--merge", default="average", choices=list(MERGES))
     p.add_argument("--merge-alpha", type=float, default=0.5, help="share of the others merged in by --merge partial")
-    p.add_argument("--kernel-gram", default="gated", choices=["gated", "all"],
-                   help="D-optimal Gram: gate-weighted (default) or all-token (needs calibrate --gram)")
+    p.add_argument("--kernel-gram", default="auto", choices=["auto", "all", "gated"],
+                   help="D-optimal Gram: all-token (needs calibrate --gram), gate-weighted, or auto (default): "
+                        "all-token when the statistics have it")
     p.add_argument("--kernel-activation", default="reap", choices=["reap", "rms"], help="ACP weight of gld_reap")
     p.add_argument("--kernel-lambda", type=float, default=1.0, help="ridge = this x mean(diag K) / k")
     p.add_argument("--seed", type=int, default=0)

@@ -101,32 +101,60 @@ def test_all_token_kernel_needs_gram_statistics():
         score_layer(layer_stats(sums), "gld_reap", 3, 2, KernelOptions(gram="all"), seed=0)
 
 
-def duplicate_experts(model):
-    """Experts 0 and 1 identical in weights and router row, in every layer: true duplicates."""
-    for layer in model.model.layers:
-        mlp = layer.mlp
-        mlp.experts.gate_up_proj[1] = mlp.experts.gate_up_proj[0]
-        mlp.experts.down_proj[1] = mlp.experts.down_proj[0]
-        mlp.gate.weight[1] = mlp.gate.weight[0]
-        mlp.gate.weight[0] += 0.5 * mlp.gate.weight[0].sign()  # make the pair popular, so it is tempting
+def duplicates(boost):
+    """Experts 0 and 1 identical in weights and router row in every layer: true duplicates, made popular by
+    `boost` so that frequency-based scorings keep both (the trap D-optimal design must avoid)."""
+    def edit(model):
+        for layer in model.model.layers:
+            mlp = layer.mlp
+            mlp.experts.gate_up_proj[1] = mlp.experts.gate_up_proj[0]
+            mlp.experts.down_proj[1] = mlp.experts.down_proj[0]
+            mlp.gate.weight[0] += boost * mlp.gate.weight[0].sign()
+            mlp.gate.weight[1] = mlp.gate.weight[0]
+    return edit
 
 
-@pytest.mark.parametrize("scoring", ["gram_logdet", "gld_reap"])
-@pytest.mark.parametrize("kernel", [KernelOptions(gram="gated"), KernelOptions(gram="all"),
-                                    KernelOptions(gram="all", activation="rms")])
-def test_d_optimal_never_keeps_both_duplicates(scoring, kernel, tiny, text_dir, tmp_path):
-    if scoring == "gram_logdet" and kernel.activation == "rms":
-        pytest.skip("the activation option only applies to gld_reap")
-    model = tiny("qwen3_moe", edit=duplicate_experts)
-    stats = calibrate(model, str(text_dir), tmp_path / "s", tokens=1024, seq_len=64, gram=True, progress=False)
+def assert_never_both(stats, scoring, kernel, trap=False):
     for layer in stats.moe_layers:
         layer_stats_ = stats.layer(layer)
-        assert layer_stats_.sums["count"][0] == layer_stats_.sums["count"][1] > 0  # co-selected every time
-        # Frequency-based scoring keeps the popular pair: the duplicates are a real trap.
-        assert {0, 1} <= set(score_layer(layer_stats_, "selection_freq", 2, 2, kernel, 0).experts)
+        assert min(layer_stats_.sums["count"][:2]) > 0
+        if trap:  # frequency-based scoring keeps the popular pair
+            assert {0, 1} <= set(score_layer(layer_stats_, "selection_freq", 2, 2, kernel, 0).experts)
         for select in range(2, 8):  # 8 experts, 7 distinct: a distinct one remains for every K < 8
             kept = score_layer(layer_stats_, scoring, select, 2, kernel, seed=0).experts
             assert not {0, 1} <= set(kept), (layer, select, kept)
+
+
+@pytest.mark.parametrize("scoring,kernel", [
+    ("gram_logdet", KernelOptions()), ("gld_reap", KernelOptions()), ("gram_logdet", KernelOptions(lambda_scale=0.1)),
+    ("gld_reap", KernelOptions(lambda_scale=0.1)), ("gld_reap", KernelOptions(gram="all", activation="rms"))])
+def test_d_optimal_never_keeps_both_duplicates(scoring, kernel, tiny, text_dir, tmp_path):
+    """Default kernel (all-token Gram when recorded): duplicates are never both kept, even when the router's
+    tie-breaking sends them different tokens."""
+    model = tiny("qwen3_moe", edit=duplicates(boost=0.5))
+    stats = calibrate(model, str(text_dir), tmp_path / "s", tokens=1024, seq_len=64, gram=True, progress=False)
+    assert stats.layer(0).resolve_gram(kernel.gram) == "all"
+    assert_never_both(stats, scoring, kernel)
+
+
+@pytest.mark.parametrize("scoring", ["gram_logdet", "gld_reap"])
+def test_gated_kernel_never_keeps_both_co_routed_duplicates(scoring):
+    """The gate-weighted kernel sees duplicates when they also share their tokens and weights (then their
+    gate-weighted Gram rows and routing statistics coincide). Synthetic statistics: with real routers, ties
+    between identical logits are broken arbitrarily, so duplicates rarely share every token."""
+    sums = fake_sums(E=8, seed=5)
+    sums["count"][2] = 3  # every expert routed: a never-routed one has zero weight, so it adds nothing at all
+    sums["weight_sum"][2], sums["reap_sum"][2] = 1.0, 2.5
+    for name in ("count", "weight_sum", "reap_sum", "prob_sum"):
+        sums[name][1] = sums[name][0] = sums[name].max() + 1  # the pair is the most popular: the trap
+    gated = sums["gram_gated"]
+    gated[1, :], gated[:, 1] = gated[0, :], gated[:, 0]
+    gated[1, 1] = gated[0, 0]
+    stats = layer_stats(sums)
+    assert set(score_layer(stats, "selection_freq", 2, 2, KernelOptions(), 0).experts) == {0, 1}
+    for select in range(2, 8):
+        kept = score_layer(stats, scoring, select, 2, KernelOptions(gram="gated"), seed=0).experts
+        assert not {0, 1} <= set(kept), (select, kept)
 
 
 def test_unknown_scoring_is_refused():

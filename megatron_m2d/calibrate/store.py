@@ -83,6 +83,11 @@ class LayerStats:
                            "or use the gate-weighted kernel (--kernel-gram gated)")
         return self.sums[key] / self.tokens
 
+    def resolve_gram(self, kind: str) -> str:
+        if kind == "auto":
+            return "all" if "gram" in self.sums else "gated"
+        return kind
+
     def mean_outputs(self) -> torch.Tensor:
         """Per-expert mean output: over all tokens when recorded (--gram), else over the tokens routed to it."""
         if "out_sum_all" in self.sums:

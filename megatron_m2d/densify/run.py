@@ -57,7 +57,12 @@ def densify(model: str | Path, out: str | Path, scoring: str, select: int | None
 
     with atomic_directory(out, overwrite) as tmp:
         if stats is None:
-            statistics = calibrate(model, data, tmp / STATS_DIR, progress=progress, **(calibration or {}))
+            calibration = dict(calibration or {})
+            if method.scoring in ("gram_logdet", "gld_reap") and method.kernel.gram != "gated":
+                calibration["gram"] = True  # the D-optimal kernel's default Gram needs every expert on every token
+            if method.kernel.activation == "rms":
+                calibration["gram"] = True
+            statistics = calibrate(model, data, tmp / STATS_DIR, progress=progress, **calibration)
         else:
             statistics = Statistics(stats)
         statistics.check_matches(fingerprint, model)

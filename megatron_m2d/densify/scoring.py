@@ -19,21 +19,24 @@ from megatron_m2d.errors import M2DError
 class KernelOptions:
     """How the D-optimal kernel K = diag(sqrt w) G diag(sqrt w) is built (methods.md leaves it open).
 
-    gram: 'gated' uses G_ij = E_t[g_i g_j <E_i, E_j>] (routing weights zero for unselected experts): measured
-          on a trained MoE to pick far better experts than the raw Gram, and it needs no --gram pass.
-          'all' is the paper's E_t[<E_i, E_j>] over every token, recorded by `calibrate --gram`.
+    gram: 'all' is the paper's E_t[<E_i, E_j>], every expert on every token (`calibrate --gram`): it is the
+          only kernel that sees two functionally identical experts as duplicates, whatever the router does.
+          'gated' uses E_t[g_i g_j <E_i, E_j>] (routing weights, zero for unselected experts): it needs no --gram
+          pass and measured better pre-distillation perplexity on a trained MoE (methods.md), but it measures
+          diversity of routed contributions, so identical experts that serve different tokens look distinct.
+          'auto' (default): 'all' when the statistics have it, else 'gated'.
     activation: the ACP weight of gld_reap. 'reap' is REAP's routed-token mean of g ||E_i||; 'rms' is the
           public re-implementation's CP_i * sqrt(E_t ||E_i||^2) over all tokens (needs --gram).
     lambda_scale: the ridge is lambda = lambda_scale * mean(diag K) / k (the re-implementation's rule at 1).
     """
 
-    gram: str = "gated"
+    gram: str = "auto"
     activation: str = "reap"
     lambda_scale: float = 1.0
 
     def __post_init__(self):
-        if self.gram not in ("gated", "all"):
-            raise M2DError(f"unknown kernel Gram {self.gram!r} (gated, all)")
+        if self.gram not in ("auto", "gated", "all"):
+            raise M2DError(f"unknown kernel Gram {self.gram!r} (auto, gated, all)")
         if self.activation not in ("reap", "rms"):
             raise M2DError(f"unknown kernel activation {self.activation!r} (reap, rms)")
         if not self.lambda_scale > 0:
@@ -78,7 +81,9 @@ def greedy_logdet(kernel: torch.Tensor, select: int, ridge: float) -> list[int]:
 
 
 def _d_optimal(stats: LayerStats, select: int, groups: int, weight: torch.Tensor, options: KernelOptions) -> Selection:
-    gram = stats.gram(options.gram)
+    """Kernel K = diag(sqrt w) G diag(sqrt w). An expert of weight 0 (never routed) is a zero vector in it, so it
+    is taken last, after any expert that adds something, duplicates included: it contributes nothing."""
+    gram = stats.gram(stats.resolve_gram(options.gram))
     root = weight.double().clamp(min=0).sqrt()
     kernel = root[:, None] * gram * root[None, :]
     ridge = options.lambda_scale * float(kernel.diagonal().mean()) / groups
