@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernel-activation", default="reap", choices=["reap", "rms"], help="ACP weight of gld_reap")
     p.add_argument("--kernel-lambda", type=float, default=1.0, help="ridge = this x mean(diag K) / k")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors shard written (default 2)")
     _calibration_flags(p, data_required=False)
     p.add_argument("--out", required=True, help="dense HF checkpoint directory to write")
     p.add_argument("--overwrite", action="store_true")
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> None:
         densify(args.model, args.out, args.scoring, select=args.select, groups=args.groups, stats=args.stats,
                 data=args.data, overwrite=args.overwrite, calibration=calibration, grouping=args.grouping,
                 scaling=args.scaling, merge=args.merge, merge_alpha=args.merge_alpha, kernel=kernel,
-                seed=args.seed)
+                seed=args.seed, max_shard_bytes=int(args.max_shard_gb * 1024**3))
     elif args.command == "inspect":
         from megatron_m2d.calibrate.inspect import format_table, inspect_stats
 

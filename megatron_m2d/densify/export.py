@@ -18,7 +18,7 @@ from megatron_m2d.densify.plan import LayerPlan, Method
 from megatron_m2d.errors import M2DError
 from megatron_m2d.families.base import LAYERS, Family
 from megatron_m2d.io.checkpoint import Checkpoint
-from megatron_m2d.io.writer import ShardedWriter
+from megatron_m2d.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 SKIPPED_FILES = ("config.json", "README.md", "m2d_plan.json")
@@ -52,7 +52,7 @@ def build_ffn(ckpt: Checkpoint, family: Family, plan: LayerPlan, method: Method,
 
 
 def write_dense(ckpt: Checkpoint, family: Family, plans: dict[int, LayerPlan], method: Method, out: Path,
-                progress: bool = True) -> dict:
+                progress: bool = True, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
     """Write weights, config and tokenizer files of the dense student into the (temporary) directory `out`."""
     config = ckpt.config
     layout, width = dense_width(family, config, method.groups)
@@ -65,7 +65,7 @@ def write_dense(ckpt: Checkpoint, family: Family, plans: dict[int, LayerPlan], m
     expected = _disk_layout({name: tuple(t.shape) for name, t in skeleton.state_dict().items()}, family, layout)
     tied = bool(getattr(target, "tie_word_embeddings", False))
 
-    writer = ShardedWriter(out)
+    writer = ShardedWriter(out, max_shard_bytes)
     by_layer: dict[int | None, list[str]] = {}
     for key in ckpt.keys():
         by_layer.setdefault(_layer_of(key), []).append(key)

@@ -15,7 +15,7 @@ from megatron_m2d.densify.plan import LayerPlan, Method, expert_weight_loader, p
 from megatron_m2d.errors import M2DError
 from megatron_m2d.families import family_of
 from megatron_m2d.io.checkpoint import Checkpoint
-from megatron_m2d.io.writer import atomic_directory, check_output_path, write_json
+from megatron_m2d.io.writer import DEFAULT_SHARD_BYTES, atomic_directory, check_output_path, write_json
 
 PLAN_FILE = "m2d_plan.json"
 STATS_DIR = "m2d_stats"
@@ -40,7 +40,7 @@ def make_plans(ckpt: Checkpoint, family, stats: Statistics, method: Method) -> d
 def densify(model: str | Path, out: str | Path, scoring: str, select: int | None = None,
             groups: int | None = None, stats: str | Path | None = None, data: str | None = None,
             overwrite: bool = False, progress: bool = True, calibration: dict | None = None,
-            **method_options) -> DensifyResult:
+            max_shard_bytes: int = DEFAULT_SHARD_BYTES, **method_options) -> DensifyResult:
     """Densify `model` into `out`. Defaults: k = the model's top-k, K = k. `method_options` are the other
     fields of `Method` (grouping, scaling, merge, merge_alpha, kernel, seed). Without `stats`, calibrates on
     `data` first (keyword arguments of `calibrate` in `calibration`) and keeps the statistics in out/m2d_stats."""
@@ -67,7 +67,7 @@ def densify(model: str | Path, out: str | Path, scoring: str, select: int | None
             statistics = Statistics(stats)
         statistics.check_matches(fingerprint, model)
         plans = make_plans(ckpt, family, statistics, method)
-        export = write_dense(ckpt, family, plans, method, tmp, progress=progress)
+        export = write_dense(ckpt, family, plans, method, tmp, progress, max_shard_bytes)
         plan = {
             "m2d_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
