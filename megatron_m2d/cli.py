@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernel-activation", default="reap", choices=["reap", "rms"], help="ACP weight of gld_reap")
     p.add_argument("--kernel-lambda", type=float, default=1.0, help="ridge = this x mean(diag K) / k")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-shard-gb", type=float, default=2.0, help="largest safetensors shard written (default 2)")
+    p.add_argument("--max-shard-gb", type=float, default=1.0,
+                   help="largest safetensors shard written; one shard is held in memory while written (default 1)")
     _calibration_flags(p, data_required=False)
     p.add_argument("--out", required=True, help="dense HF checkpoint directory to write")
     p.add_argument("--overwrite", action="store_true")

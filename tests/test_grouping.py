@@ -65,10 +65,10 @@ def test_merge_is_the_score_weighted_average():
     merged = merge_group(experts, weights)
     for part in range(3):
         expected = sum(w * e[part].double() for w, e in zip(weights, experts))
-        assert torch.allclose(merged[part], expected)
+        assert torch.allclose(merged[part].double(), expected, atol=1e-6)  # merged in float32
     # partial preservation: alpha = 1 is the average, alpha = 0 keeps the dominant expert
     assert all(torch.allclose(a, b) for a, b in zip(merge_group(experts, weights, "partial", 1.0), merged))
-    assert all(torch.allclose(a, b.double()) for a, b in zip(merge_group(experts, weights, "partial", 0.0), experts[0]))
+    assert all(torch.equal(a, b) for a, b in zip(merge_group(experts, weights, "partial", 0.0), experts[0]))
     # zero importance everywhere: a plain average, never a division by zero
     assert torch.allclose(merge_weights(torch.zeros(4, dtype=torch.float64), [0, 1]), torch.tensor([0.5, 0.5], dtype=torch.float64))
 
@@ -91,7 +91,7 @@ def test_concat_dense_stacks_and_scales():
     reps = [tuple(torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((4, 3), (4, 3), (3, 4)))
             for _ in range(2)]
     shared = tuple(torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((5, 3), (5, 3), (3, 5)))
-    gate, up, down = concat_dense(reps, [0.25, 0.75], shared, 0.5)
+    gate, up, down = concat_dense(reps, [0.25, 0.75], shared, 0.5, torch.float64)
     assert gate.shape == (13, 3) and down.shape == (3, 13)
     x = torch.randn(7, 3, generator=g, dtype=torch.float64)
     swiglu = lambda e, v: (torch.nn.functional.silu(v @ e[0].T) * (v @ e[1].T)) @ e[2].T

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 # Tokens per chunk when every expert runs on every token (--gram): bounds the E x chunk x (2I + H) buffer.
-GRAM_CHUNK_ELEMENTS = 64 * 1024**2
+GRAM_CHUNK_ELEMENTS = 16 * 1024**2
 
 
 def expert_forward(experts: nn.Module, expert: int, x: torch.Tensor) -> torch.Tensor:

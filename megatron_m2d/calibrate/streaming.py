@@ -85,10 +85,7 @@ class LayerStreamer:
                 name = "mlp." + name[len(self.family.moe_block) + 1:]
             state[name] = self.ckpt.get(key)
         if "mlp.experts.gate_up_proj" in wanted:
-            experts = [self.family.read_expert(self.ckpt, index, e)
-                       for e in range(self.family.num_experts(self.config))]
-            state["mlp.experts.gate_up_proj"] = torch.stack([torch.cat([g, u], dim=0) for g, u, _ in experts])
-            state["mlp.experts.down_proj"] = torch.stack([d for _, _, d in experts])
+            state.update(self._fused_experts(index, wanted))
         missing = sorted(set(wanted) - set(state))
         if missing:
             raise M2DError(f"layer {index}: tensors missing from the checkpoint: {', '.join(missing[:4])}")
@@ -97,4 +94,16 @@ class LayerStreamer:
                 raise M2DError(f"layer {index}: {name} has shape {tuple(tensor.shape)}, "
                                f"config says {tuple(wanted[name].shape)}")
         layer.load_state_dict({k: v for k, v in state.items() if k in wanted}, strict=True, assign=True)
+        self.ckpt.release()
         return layer.to(device=self.device, dtype=self.dtype).eval()
+
+    def _fused_experts(self, index: int, wanted: dict) -> dict[str, torch.Tensor]:
+        """The in-memory [E, 2I, H] / [E, H, I] expert stacks, filled expert by expert (never two copies)."""
+        gate_up = torch.empty(wanted["mlp.experts.gate_up_proj"].shape, dtype=self.ckpt.dtype())
+        down = torch.empty(wanted["mlp.experts.down_proj"].shape, dtype=gate_up.dtype)
+        width = gate_up.shape[1] // 2
+        for e in range(gate_up.shape[0]):
+            gate, up, down[e] = self.family.read_expert(self.ckpt, index, e)
+            gate_up[e, :width], gate_up[e, width:] = gate, up
+            self.ckpt.release()  # read pages of a mapped shard count as resident until it is unmapped
+        return {"mlp.experts.gate_up_proj": gate_up, "mlp.experts.down_proj": down}

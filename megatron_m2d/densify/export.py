@@ -40,15 +40,17 @@ def _layer_of(key: str) -> int | None:
     return int(key[len(LAYERS) + 1:].split(".", 1)[0])
 
 
-def build_ffn(ckpt: Checkpoint, family: Family, plan: LayerPlan, method: Method, layout: str):
-    """Dense (gate, up, down) of one MoE layer, in float64."""
+def build_ffn(ckpt: Checkpoint, family: Family, plan: LayerPlan, method: Method, layout: str,
+              dtype: torch.dtype = torch.float32):
+    """Dense (gate, up, down) of one MoE layer, merged in float32, returned in `dtype`."""
     reps = []
     for members, weights in zip(plan.groups, plan.merge_weights):
         experts = [family.read_expert(ckpt, plan.layer, e) for e in members]
-        reps.append(merge_group(experts, torch.tensor(weights, dtype=torch.float64), method.merge, method.merge_alpha))
+        reps.append(merge_group(experts, torch.tensor(weights), method.merge, method.merge_alpha))
+        del experts
     shared = family.read_shared(ckpt, plan.layer) if layout == "dense" else None
     shared_scale = plan.shared_scale if plan.shared_scale is not None else 1.0
-    return concat_dense(reps, plan.scales, shared, shared_scale)
+    return concat_dense(reps, plan.scales, shared, shared_scale, dtype)
 
 
 def write_dense(ckpt: Checkpoint, family: Family, plans: dict[int, LayerPlan], method: Method, out: Path,
@@ -94,13 +96,14 @@ def write_dense(ckpt: Checkpoint, family: Family, plans: dict[int, LayerPlan], m
             put(key, ckpt.get(key))
         if plan is None:
             continue
-        gate, up, down = build_ffn(ckpt, family, plan, method, layout)
+        gate, up, down = build_ffn(ckpt, family, plan, method, layout, dtype)
         names = family.dense_ffn_keys(layout, layer)
         put(names["gate"], gate)
         put(names["up"], up)
         put(names["down"], down)
         if layout == "one_expert":  # a single expert: its softmax weight is exactly 1.0 whatever the logit
             put(names["router"], torch.zeros(1, config.hidden_size))
+        ckpt.release()
 
     for name in sorted(set(expected) - written):
         if name.endswith(".bias"):  # the dense class has a bias the teacher lacked (Qwen2 qkv): zero is exact

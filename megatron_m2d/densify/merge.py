@@ -34,14 +34,15 @@ def merge_group(experts: list[Expert], weights: torch.Tensor, mode: str = "avera
     if len(experts) == 1:
         return experts[0]
     merged = []
-    for part in range(3):
-        stack = torch.stack([e[part].double() for e in experts])
+    weights = weights.float()
+    for part in range(3):  # float32: merging a few bf16/fp32 matrices loses nothing at that precision
+        stack = torch.stack([e[part].float() for e in experts])
         if mode == "average":
             value = torch.einsum("n,n...->...", weights, stack)
         else:
-            offsets = stack[1:] - stack[0]
-            value = stack[0] + alpha * torch.einsum("n,n...->...", weights[1:], offsets)
+            value = stack[0] + alpha * torch.einsum("n,n...->...", weights[1:], stack[1:] - stack[0])
         merged.append(value)
+        del stack
     return tuple(merged)
 
 
@@ -67,12 +68,21 @@ def group_scales(groups: list[list[int]], postselect: torch.Tensor, scaling: str
 
 
 def concat_dense(representatives: list[Expert], scales: list[float], shared: Expert | None = None,
-                 shared_scale: float = 1.0) -> Expert:
-    """One dense SwiGLU FFN: representatives (then the shared expert) side by side, downs scaled."""
+                 shared_scale: float = 1.0, dtype: torch.dtype = torch.float32) -> Expert:
+    """One dense SwiGLU FFN: representatives (then the shared expert) side by side, downs scaled. Written into
+    preallocated tensors of the output dtype, so no float copy of the whole FFN is ever made twice."""
     parts = list(zip(representatives, scales))
     if shared is not None:
         parts.append((shared, shared_scale))
-    gate = torch.cat([e[0].double() for e, _ in parts], dim=0)
-    up = torch.cat([e[1].double() for e, _ in parts], dim=0)
-    down = torch.cat([e[2].double() * s for e, s in parts], dim=1)
+    width = sum(e[0].shape[0] for e, _ in parts)
+    hidden = parts[0][0][0].shape[1]
+    gate, up, down = torch.empty(width, hidden, dtype=dtype), torch.empty(width, hidden, dtype=dtype), \
+        torch.empty(hidden, width, dtype=dtype)
+    start = 0
+    for expert, scale in parts:
+        end = start + expert[0].shape[0]
+        gate[start:end] = expert[0]
+        up[start:end] = expert[1]
+        down[:, start:end] = expert[2].float() * scale
+        start = end
     return gate, up, down

@@ -84,15 +84,17 @@ class Checkpoint:
         return key in self.key_to_file
 
     def get(self, key: str) -> torch.Tensor:
+        # clone(): safetensors hands out tensors backed by a mapping of the whole shard; holding one keeps every
+        # page read from that shard resident, so a streaming reader would slowly map the whole model.
         try:
-            return self._handle(key).get_tensor(key)
+            return self._handle(key).get_tensor(key).clone()
         except SafetensorError as exc:
             raise M2DError(f"cannot read {key} from {self.path}: {str(exc).splitlines()[0]}") from None
 
     def get_row(self, key: str, index: int) -> torch.Tensor:
         """`tensor[index]` of a stacked (fused) tensor, reading only that slice from disk."""
         try:
-            return self._handle(key).get_slice(key)[index]
+            return self._handle(key).get_slice(key)[index].clone()
         except SafetensorError as exc:
             raise M2DError(f"cannot read {key}[{index}] from {self.path}: {str(exc).splitlines()[0]}") from None
 
@@ -108,8 +110,12 @@ class Checkpoint:
         head = f"{prefix}.{layer}."
         return [key for key in self.key_to_file if key.startswith(head)]
 
-    def close(self) -> None:
+    def release(self) -> None:
+        """Unmap every open shard. Pages of a mapped shard that were read count in the process's RSS until
+        it is unmapped, so layer-by-layer readers release after each layer to keep memory at one layer."""
         self._handles.clear()
+
+    close = release
 
     def __enter__(self):
         return self

@@ -17,7 +17,9 @@ from safetensors.torch import save_file
 
 from megatron_m2d.errors import M2DError
 
-DEFAULT_SHARD_BYTES = 2 * 1024**3
+# A shard is assembled in memory before it is written (safetensors puts the header first), so the shard size
+# is part of densify's peak memory.
+DEFAULT_SHARD_BYTES = 1024**3
 
 
 def check_output_path(out: str | Path, overwrite: bool) -> Path:

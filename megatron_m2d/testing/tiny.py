@@ -6,9 +6,11 @@ Used by the tests and by the embedded default of the quick start. The tokenizer 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
@@ -84,4 +86,50 @@ def write_sample_text(path: str | Path, documents: int = 8, repeat: int = 6) -> 
     for d in range(documents):
         rotated = " ".join(words[d % len(words):] + words[: d % len(words)])
         (path / f"doc{d:02d}.txt").write_text((rotated + f" Document {d}. ") * repeat)
+    return path
+
+
+def build_moe_on_disk(path: str | Path, model_type: str = "qwen3_moe", seed: int = 0, std: float = 0.02,
+                      **config_fields) -> Path:
+    """A random MoE of any size written straight to disk, one shard per decoder layer, without ever holding
+    the model in memory (for memory tests: the checkpoint may be larger than what the test allows itself).
+    Experts are stored per expert, as transformers saves them."""
+    path = Path(path)
+    path.mkdir(parents=True)
+    config = tiny_config(model_type, **config_fields)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    shapes: dict[str, tuple] = {}
+    for name, tensor in skeleton.state_dict().items():
+        if name.endswith("mlp.experts.gate_up_proj"):
+            experts, double_width, hidden = tensor.shape
+            for e in range(experts):
+                for part in ("gate_proj", "up_proj"):
+                    shapes[name.replace("gate_up_proj", f"{e}.{part}.weight")] = (double_width // 2, hidden)
+        elif name.endswith("mlp.experts.down_proj"):
+            for e in range(tensor.shape[0]):
+                shapes[name.replace("down_proj", f"{e}.down_proj.weight")] = tuple(tensor.shape[1:])
+        else:
+            shapes[name] = tuple(tensor.shape)
+    generator = torch.Generator().manual_seed(seed)
+    groups: dict[str, list[str]] = {}
+    for name in shapes:
+        parts = name.split(".")
+        group = f"layer{int(parts[2]):04d}" if name.startswith("model.layers.") else "rest"
+        groups.setdefault(group, []).append(name)
+    weight_map = {}
+    for number, (group, names) in enumerate(sorted(groups.items()), start=1):
+        shard = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {}
+        for name in names:
+            if name.endswith("norm.weight"):
+                tensors[name] = torch.ones(shapes[name])
+            else:
+                tensors[name] = torch.randn(shapes[name], generator=generator) * (0.5 if name.endswith("gate.weight") else std)
+        save_file(tensors, path / shard, metadata={"format": "pt"})
+        weight_map.update({name: shard for name in names})
+        del tensors
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
     return path
