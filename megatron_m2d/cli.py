@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from megatron_m2d import __version__
 from megatron_m2d.densify.grouping import GROUPINGS
 from megatron_m2d.densify.merge import MERGES, SCALINGS
 from megatron_m2d.densify.scoring import SCORINGS, KernelOptions
@@ -26,6 +27,7 @@ def _calibration_flags(parser: argparse.ArgumentParser, data_required: bool) -> 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m2d", description="Turn a HF Mixture-of-Experts LM into a dense LM.")
+    parser.add_argument("--version", action="version", version=f"megatron_m2d {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("calibrate", help="record routing statistics of a HF MoE over calibration text")
