@@ -43,7 +43,7 @@ if mode == "plain":
                 prob[layer] += p.sum(0).double()
                 weight[layer].index_add_(0, top.indices.flatten(), g.flatten().double())
 else:
-    from megatron_m2d.calibrate.run import calibrate
+    from megatron_m2d.calibration.run import calibrate
     calibrate(model, data, sys.argv[6], tokens=tokens, seq_len=seq_len, gram=(mode == "ours+gram"),
               progress=False, overwrite=True)
 seconds = time.perf_counter() - start

@@ -11,13 +11,13 @@ The Python API mirrors the CLI, with functions that take and return plain object
 __version__ = "0.1.0"
 
 _API = {
-    "calibrate": "megatron_m2d.calibrate.run",
-    "densify": "megatron_m2d.densify.run",
-    "inspect_stats": "megatron_m2d.calibrate.inspect",
-    "Statistics": "megatron_m2d.calibrate.store",
-    "Method": "megatron_m2d.densify.plan",
-    "KernelOptions": "megatron_m2d.densify.scoring",
-    "perplexity_of_dir": "megatron_m2d.evaluate.perplexity",
+    "calibrate": "megatron_m2d.calibration.run",
+    "densify": "megatron_m2d.densification.run",
+    "inspect_stats": "megatron_m2d.calibration.inspect",
+    "Statistics": "megatron_m2d.calibration.store",
+    "Method": "megatron_m2d.densification.plan",
+    "KernelOptions": "megatron_m2d.densification.scoring",
+    "perplexity_of_dir": "megatron_m2d.evaluation.perplexity",
 }
 
 

@@ -7,9 +7,9 @@ import json
 import sys
 
 from megatron_m2d import __version__
-from megatron_m2d.densify.grouping import GROUPINGS
-from megatron_m2d.densify.merge import MERGES, SCALINGS
-from megatron_m2d.densify.scoring import SCORINGS, KernelOptions
+from megatron_m2d.densification.grouping import GROUPINGS
+from megatron_m2d.densification.merge import MERGES, SCALINGS
+from megatron_m2d.densification.scoring import SCORINGS, KernelOptions
 from megatron_m2d.errors import M2DError
 
 
@@ -74,13 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> None:
     if args.command == "calibrate":
-        from megatron_m2d.calibrate.run import calibrate
+        from megatron_m2d.calibration.run import calibrate
 
         calibrate(args.model, args.data, args.out, tokens=args.tokens, seq_len=args.seq_len,
                   batch_size=args.batch_size, gram=args.gram, device=args.device, dtype=args.dtype,
                   seed=args.seed, overwrite=args.overwrite)
     elif args.command == "densify":
-        from megatron_m2d.densify.run import densify
+        from megatron_m2d.densification.run import densify
 
         kernel = KernelOptions(args.kernel_gram, args.kernel_activation, args.kernel_lambda)
         calibration = dict(tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size, gram=args.gram,
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> None:
                 scaling=args.scaling, merge=args.merge, merge_alpha=args.merge_alpha, kernel=kernel,
                 seed=args.seed, max_shard_bytes=int(args.max_shard_gb * 1024**3))
     elif args.command == "inspect":
-        from megatron_m2d.calibrate.inspect import format_table, inspect_stats
+        from megatron_m2d.calibration.inspect import format_table, inspect_stats
 
         rows = inspect_stats(args.stats, args.plot, args.score)
         print(json.dumps(rows, indent=1) if args.json else format_table(rows))

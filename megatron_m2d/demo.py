@@ -12,9 +12,9 @@ import csv
 import time
 from pathlib import Path
 
-from megatron_m2d.calibrate.run import calibrate
-from megatron_m2d.densify.run import densify
-from megatron_m2d.evaluate.perplexity import perplexity_of_dir
+from megatron_m2d.calibration.run import calibrate
+from megatron_m2d.densification.run import densify
+from megatron_m2d.evaluation.perplexity import perplexity_of_dir
 from megatron_m2d.io.writer import check_output_path
 from megatron_m2d.testing.tiny import build_tiny_moe
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from megatron_m2d.calibrate.run import calibrate
+from megatron_m2d.calibration.run import calibrate
 from megatron_m2d.cli import main
 from megatron_m2d.testing.tiny import byte_tokenizer
 

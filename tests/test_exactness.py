@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from megatron_m2d.densify.run import densify
+from megatron_m2d.densification.run import densify
 from tests.conftest import FAMILIES
 
 ATOL = 1e-4

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from megatron_m2d.calibrate.inspect import format_table, inspect_stats
-from megatron_m2d.calibrate.run import calibrate
-from megatron_m2d.densify.run import densify
+from megatron_m2d.calibration.inspect import format_table, inspect_stats
+from megatron_m2d.calibration.run import calibrate
+from megatron_m2d.densification.run import densify
 from tests.conftest import FAMILIES
 
 

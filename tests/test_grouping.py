@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_m2d.calibrate.run import calibrate
-from megatron_m2d.densify.grouping import GROUPINGS, GroupingFeatures, agglomerate, group_experts
-from megatron_m2d.densify.merge import concat_dense, group_scales, merge_group, merge_weights
-from megatron_m2d.densify.plan import Method, expert_weight_loader, plan_layer
+from megatron_m2d.calibration.run import calibrate
+from megatron_m2d.densification.grouping import GROUPINGS, GroupingFeatures, agglomerate, group_experts
+from megatron_m2d.densification.merge import concat_dense, group_scales, merge_group, merge_weights
+from megatron_m2d.densification.plan import Method, expert_weight_loader, plan_layer
 from megatron_m2d.errors import M2DError
 from megatron_m2d.families import family_of
 from megatron_m2d.io.checkpoint import Checkpoint

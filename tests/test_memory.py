@@ -24,7 +24,7 @@ import sys
 import torch, transformers
 from transformers import AutoModelForCausalLM
 from megatron_m2d.cli import main
-import megatron_m2d.calibrate.run, megatron_m2d.densify.run
+import megatron_m2d.calibration.run, megatron_m2d.densification.run
 code = main(sys.argv[1:]) if len(sys.argv) > 1 else 0
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print("PEAK", int(hwm.split()[1]) * 1024)

@@ -7,9 +7,9 @@ import itertools
 import pytest
 import torch
 
-from megatron_m2d.calibrate.run import calibrate
-from megatron_m2d.calibrate.store import LayerStats
-from megatron_m2d.densify.scoring import SCORINGS, KernelOptions, greedy_logdet, score_layer
+from megatron_m2d.calibration.run import calibrate
+from megatron_m2d.calibration.store import LayerStats
+from megatron_m2d.densification.scoring import SCORINGS, KernelOptions, greedy_logdet, score_layer
 from megatron_m2d.errors import M2DError
 
 

@@ -7,9 +7,9 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from megatron_m2d.calibrate import run as calibrate_run
-from megatron_m2d.calibrate.run import calibrate
-from megatron_m2d.calibrate.statistics import expert_forward
+from megatron_m2d.calibration import run as calibrate_run
+from megatron_m2d.calibration.run import calibrate
+from megatron_m2d.calibration.statistics import expert_forward
 from megatron_m2d.data.text import token_blocks
 from megatron_m2d.families import family_of
 from tests.conftest import FAMILIES

@@ -10,10 +10,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from megatron_m2d.calibrate.store import LayerStats
-from megatron_m2d.densify.grouping import GroupingFeatures, group_experts
-from megatron_m2d.densify.merge import MERGES, SCALINGS, group_scales, merge_weights
-from megatron_m2d.densify.scoring import KernelOptions, score_layer
+from megatron_m2d.calibration.store import LayerStats
+from megatron_m2d.densification.grouping import GroupingFeatures, group_experts
+from megatron_m2d.densification.merge import MERGES, SCALINGS, group_scales, merge_weights
+from megatron_m2d.densification.scoring import KernelOptions, score_layer
 from megatron_m2d.errors import M2DError
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_m2d.calibrate.store import LayerStats, Statistics
+from megatron_m2d.calibration.store import LayerStats, Statistics
 from megatron_m2d.errors import M2DError
 
 PER_EXPERT = ("selection_freq", "preselect_prob", "postselect_prob", "conditional_prob", "reap")

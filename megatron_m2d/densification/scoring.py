@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from megatron_m2d.calibrate.store import LayerStats
+from megatron_m2d.calibration.store import LayerStats
 from megatron_m2d.errors import M2DError
 
 

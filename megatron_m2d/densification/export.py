@@ -13,8 +13,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
-from megatron_m2d.densify.merge import concat_dense, merge_group
-from megatron_m2d.densify.plan import LayerPlan, Method
+from megatron_m2d.densification.merge import concat_dense, merge_group
+from megatron_m2d.densification.plan import LayerPlan, Method
 from megatron_m2d.errors import M2DError
 from megatron_m2d.families.base import LAYERS, Family
 from megatron_m2d.io.checkpoint import Checkpoint

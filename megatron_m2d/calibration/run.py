@@ -19,9 +19,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from megatron_m2d import __version__
-from megatron_m2d.calibrate.statistics import MoEStatistics
-from megatron_m2d.calibrate.store import FORMAT_VERSION, META, Statistics, layer_file, model_fingerprint
-from megatron_m2d.calibrate.streaming import LayerStreamer
+from megatron_m2d.calibration.statistics import MoEStatistics
+from megatron_m2d.calibration.store import FORMAT_VERSION, META, Statistics, layer_file, model_fingerprint
+from megatron_m2d.calibration.streaming import LayerStreamer
 from megatron_m2d.data.text import token_blocks
 from megatron_m2d.errors import M2DError
 from megatron_m2d.families import family_of

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_m2d import __version__
-from megatron_m2d.calibrate.run import calibrate
-from megatron_m2d.calibrate.store import Statistics, model_fingerprint
-from megatron_m2d.densify.export import write_dense
-from megatron_m2d.densify.grouping import GroupingFeatures
-from megatron_m2d.densify.plan import LayerPlan, Method, expert_weight_loader, plan_layer
+from megatron_m2d.calibration.run import calibrate
+from megatron_m2d.calibration.store import Statistics, model_fingerprint
+from megatron_m2d.densification.export import write_dense
+from megatron_m2d.densification.grouping import GroupingFeatures
+from megatron_m2d.densification.plan import LayerPlan, Method, expert_weight_loader, plan_layer
 from megatron_m2d.errors import M2DError
 from megatron_m2d.families import family_of
 from megatron_m2d.io.checkpoint import Checkpoint
