@@ -7,7 +7,8 @@ import torch
 
 from megatron_m2d.calibration.run import calibrate
 from megatron_m2d.densification.grouping import GROUPINGS, GroupingFeatures, agglomerate, group_experts
-from megatron_m2d.densification.merge import concat_dense, group_scales, merge_group, merge_weights
+from megatron_m2d.densification.merge import FIELDS, concat_dense, group_scales, merge_group, merge_weights
+from megatron_m2d.families.base import ExpertWeights
 from megatron_m2d.densification.plan import Method, expert_weight_loader, plan_layer
 from megatron_m2d.errors import M2DError
 from megatron_m2d.families import family_of
@@ -56,19 +57,35 @@ def test_agglomerate_merges_the_closest_items():
     assert len(agglomerate(torch.zeros(6, 6), 4)) == 4
 
 
+def random_expert(g, inter=4, hidden=3, bias=False):
+    t = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
+    expert = ExpertWeights(t(inter, hidden), t(inter, hidden), t(hidden, inter))
+    if bias:
+        expert.gate_bias, expert.up_bias, expert.down_bias = t(inter), t(inter), t(hidden)
+    return expert
+
+
+def swiglu(e, v):
+    gate = v @ e.gate.T + (e.gate_bias if e.gate_bias is not None else 0)
+    up = v @ e.up.T + (e.up_bias if e.up_bias is not None else 0)
+    return (torch.nn.functional.silu(gate) * up) @ e.down.T + (e.down_bias if e.down_bias is not None else 0)
+
+
 def test_merge_is_the_score_weighted_average():
     g = torch.Generator().manual_seed(0)
-    experts = [tuple(torch.randn(4, 3, generator=g) for _ in range(3)) for _ in range(3)]
+    experts = [random_expert(g, bias=True) for _ in range(3)]
     importance = torch.tensor([0.0, 2.0, 1.0, 3.0], dtype=torch.float64)
     weights = merge_weights(importance, [1, 2, 3])
     assert torch.allclose(weights, torch.tensor([2 / 6, 1 / 6, 3 / 6], dtype=torch.float64))
     merged = merge_group(experts, weights)
-    for part in range(3):
-        expected = sum(w * e[part].double() for w, e in zip(weights, experts))
-        assert torch.allclose(merged[part].double(), expected, atol=1e-6)  # merged in float32
+    for part in FIELDS:  # biases merge like weights
+        expected = sum(w * getattr(e, part) for w, e in zip(weights, experts))
+        assert torch.allclose(getattr(merged, part).double(), expected, atol=1e-6)  # merged in float32
     # partial preservation: alpha = 1 is the average, alpha = 0 keeps the dominant expert
-    assert all(torch.allclose(a, b) for a, b in zip(merge_group(experts, weights, "partial", 1.0), merged))
-    assert all(torch.equal(a, b) for a, b in zip(merge_group(experts, weights, "partial", 0.0), experts[0]))
+    for alpha, reference in ((1.0, merged), (0.0, experts[0])):
+        partial = merge_group(experts, weights, "partial", alpha)
+        assert all(torch.allclose(getattr(partial, f).double(), getattr(reference, f).double(), atol=1e-6)
+                   for f in FIELDS)
     # zero importance everywhere: a plain average, never a division by zero
     assert torch.allclose(merge_weights(torch.zeros(4, dtype=torch.float64), [0, 1]), torch.tensor([0.5, 0.5], dtype=torch.float64))
 
@@ -86,17 +103,17 @@ def test_scales_uniform_and_proportional():
         group_scales(groups, postselect, "cubic", 1.0, 1.0)
 
 
-def test_concat_dense_stacks_and_scales():
+@pytest.mark.parametrize("bias", [False, True])
+def test_concat_dense_stacks_and_scales(bias):
     g = torch.Generator().manual_seed(1)
-    reps = [tuple(torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((4, 3), (4, 3), (3, 4)))
-            for _ in range(2)]
-    shared = tuple(torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((5, 3), (5, 3), (3, 5)))
-    gate, up, down = concat_dense(reps, [0.25, 0.75], shared, 0.5, torch.float64)
-    assert gate.shape == (13, 3) and down.shape == (3, 13)
+    reps = [random_expert(g, bias=bias) for _ in range(2)]
+    shared = random_expert(g, inter=5)
+    dense = concat_dense(reps, [0.25, 0.75], shared, 0.5, torch.float64)
+    assert dense.gate.shape == (13, 3) and dense.down.shape == (3, 13)
     x = torch.randn(7, 3, generator=g, dtype=torch.float64)
-    swiglu = lambda e, v: (torch.nn.functional.silu(v @ e[0].T) * (v @ e[1].T)) @ e[2].T
     expected = 0.25 * swiglu(reps[0], x) + 0.75 * swiglu(reps[1], x) + 0.5 * swiglu(shared, x)
-    assert torch.allclose(swiglu((gate, up, down), x), expected)
+    assert torch.allclose(swiglu(dense, x), expected)
+    assert (dense.down_bias is not None) == bias
 
 
 def test_plan_validation_messages():

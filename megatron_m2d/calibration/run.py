@@ -102,7 +102,8 @@ def calibrate(model: str | Path, data: str, out: str | Path, tokens: int = 65536
         if index in moe_layers:
             stats = MoEStatistics(run["num_experts"], config.hidden_size, run["top_k"], gram,
                                   shared_gate=family.shared.gate if family.shared else None)
-            hook = layer.mlp.register_forward_pre_hook(lambda module, args: stats.update(module, args[0]))
+            hook = layer.mlp.register_forward_pre_hook(
+                lambda module, args: stats.update(module, args[0], family.route))
         with torch.no_grad():
             for b, batch_kwargs in enumerate(kwargs):
                 hidden[b] = layer(hidden[b], **batch_kwargs[index])

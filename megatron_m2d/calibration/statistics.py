@@ -46,10 +46,11 @@ class MoEStatistics:
             self.sums["shared_gate_sum"] = torch.zeros((), **f64)  # sum_t sigmoid(shared_expert_gate(x_t))
 
     @torch.no_grad()
-    def update(self, moe_block: nn.Module, x: torch.Tensor) -> None:
-        """Add the tokens `x` [T, H] (the MoE block's input) routed by the block's own router."""
+    def update(self, moe_block: nn.Module, x: torch.Tensor, route=None) -> None:
+        """Add the tokens `x` [T, H] (the MoE block's input) routed by the block's own router (`route`:
+        the family's routing, by default transformers' `moe_block.gate`, exactly what the model does)."""
         x = x.reshape(-1, x.shape[-1])
-        logits, weights, indices = moe_block.gate(x)  # transformers' router: exactly what the model does
+        logits, weights, indices = (route or (lambda block, h: block.gate(h)))(moe_block, x)
         sums, E, cpu = self.sums, self.num_experts, torch.device("cpu")
         probs = torch.softmax(logits.float(), dim=-1)
         sums["tokens"] += x.shape[0]

@@ -103,7 +103,7 @@ class LayerStreamer:
         down = torch.empty(wanted["mlp.experts.down_proj"].shape, dtype=gate_up.dtype)
         width = gate_up.shape[1] // 2
         for e in range(gate_up.shape[0]):
-            gate, up, down[e] = self.family.read_expert(self.ckpt, index, e)
-            gate_up[e, :width], gate_up[e, width:] = gate, up
+            expert = self.family.read_expert(self.ckpt, index, e)
+            gate_up[e, :width], gate_up[e, width:], down[e] = expert.gate, expert.up, expert.down
             self.ckpt.release()  # read pages of a mapped shard count as resident until it is unmapped
         return {"mlp.experts.gate_up_proj": gate_up, "mlp.experts.down_proj": down}

@@ -42,7 +42,7 @@ def _layer_of(key: str) -> int | None:
 
 def build_ffn(ckpt: Checkpoint, family: Family, plan: LayerPlan, method: Method, layout: str,
               dtype: torch.dtype = torch.float32):
-    """Dense (gate, up, down) of one MoE layer, merged in float32, returned in `dtype`."""
+    """The dense FFN of one MoE layer, merged in float32, returned in `dtype`."""
     reps = []
     for members, weights in zip(plan.groups, plan.merge_weights):
         experts = [family.read_expert(ckpt, plan.layer, e) for e in members]
@@ -96,11 +96,12 @@ def write_dense(ckpt: Checkpoint, family: Family, plans: dict[int, LayerPlan], m
             put(key, ckpt.get(key))
         if plan is None:
             continue
-        gate, up, down = build_ffn(ckpt, family, plan, method, layout, dtype)
+        ffn = build_ffn(ckpt, family, plan, method, layout, dtype)
         names = family.dense_ffn_keys(layout, layer)
-        put(names["gate"], gate)
-        put(names["up"], up)
-        put(names["down"], down)
+        for part in ("gate", "up", "down"):
+            put(names[part], getattr(ffn, part))
+            if getattr(ffn, part + "_bias") is not None:  # the dense class must have FFN biases: checked below
+                put(names[part].removesuffix(".weight") + ".bias", getattr(ffn, part + "_bias"))
         if layout == "one_expert":  # a single expert: its softmax weight is exactly 1.0 whatever the logit
             put(names["router"], torch.zeros(1, config.hidden_size))
         ckpt.release()

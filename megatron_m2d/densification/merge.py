@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 
 from megatron_m2d.errors import M2DError
+from megatron_m2d.families.base import ExpertWeights
 
-Expert = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # gate [I, H], up [I, H], down [H, I]
+FIELDS = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
 
 MERGES = ("average", "partial")
 SCALINGS = ("uniform", "proportional")
@@ -24,26 +25,30 @@ def merge_weights(importance: torch.Tensor, members: list[int]) -> torch.Tensor:
     return w / w.sum()
 
 
-def merge_group(experts: list[Expert], weights: torch.Tensor, mode: str = "average", alpha: float = 0.5) -> Expert:
+def merge_group(experts: list[ExpertWeights], weights: torch.Tensor, mode: str = "average",
+                alpha: float = 0.5) -> ExpertWeights:
     """'average': theta = sum_i w_i theta_i (w normalised; REAP's frequency-weighted merge has this form).
     'partial' (our reading of SlimQwen's partial preservation): the dominant (first) member is kept and only a
     fraction alpha of the others' weighted offset from it is merged in,
-    theta = theta_0 + alpha * sum_{i>0} w_i (theta_i - theta_0); alpha = 1 is 'average', alpha = 0 keeps theta_0."""
+    theta = theta_0 + alpha * sum_{i>0} w_i (theta_i - theta_0); alpha = 1 is 'average', alpha = 0 keeps theta_0.
+    Every parameter, biases included, is merged the same way."""
     if mode not in MERGES:
         raise M2DError(f"unknown merge {mode!r} (choose from {', '.join(MERGES)})")
     if len(experts) == 1:
         return experts[0]
-    merged = []
     weights = weights.float()
-    for part in range(3):  # float32: merging a few bf16/fp32 matrices loses nothing at that precision
-        stack = torch.stack([e[part].float() for e in experts])
+    merged = {}
+    for name in FIELDS:  # float32: merging a few bf16/fp32 matrices loses nothing at that precision
+        values = [getattr(e, name) for e in experts]
+        if values[0] is None:
+            continue
+        stack = torch.stack([v.float() for v in values])
         if mode == "average":
-            value = torch.einsum("n,n...->...", weights, stack)
+            merged[name] = torch.einsum("n,n...->...", weights, stack)
         else:
-            value = stack[0] + alpha * torch.einsum("n,n...->...", weights[1:], stack[1:] - stack[0])
-        merged.append(value)
+            merged[name] = stack[0] + alpha * torch.einsum("n,n...->...", weights[1:], stack[1:] - stack[0])
         del stack
-    return tuple(merged)
+    return ExpertWeights(**merged)
 
 
 def group_scales(groups: list[list[int]], postselect: torch.Tensor, scaling: str, routed_scaling: float,
@@ -67,22 +72,35 @@ def group_scales(groups: list[list[int]], postselect: torch.Tensor, scaling: str
     raise M2DError(f"unknown scaling {scaling!r} (choose from {', '.join(SCALINGS)})")
 
 
-def concat_dense(representatives: list[Expert], scales: list[float], shared: Expert | None = None,
-                 shared_scale: float = 1.0, dtype: torch.dtype = torch.float32) -> Expert:
+def concat_dense(representatives: list[ExpertWeights], scales: list[float], shared: ExpertWeights | None = None,
+                 shared_scale: float = 1.0, dtype: torch.dtype = torch.float32) -> ExpertWeights:
     """One dense SwiGLU FFN: representatives (then the shared expert) side by side, downs scaled. Written into
-    preallocated tensors of the output dtype, so no float copy of the whole FFN is ever made twice."""
+    preallocated tensors of the output dtype, so no float copy of the whole FFN is ever made twice.
+    Biases (GPT-OSS): gate/up biases concatenate with their rows; the down bias is sum_g s_g b_g."""
     parts = list(zip(representatives, scales))
     if shared is not None:
         parts.append((shared, shared_scale))
-    width = sum(e[0].shape[0] for e, _ in parts)
-    hidden = parts[0][0][0].shape[1]
-    gate, up, down = torch.empty(width, hidden, dtype=dtype), torch.empty(width, hidden, dtype=dtype), \
-        torch.empty(hidden, width, dtype=dtype)
+    width = sum(e.gate.shape[0] for e, _ in parts)
+    hidden = parts[0][0].gate.shape[1]
+    has_bias = any(e.gate_bias is not None or e.down_bias is not None for e, _ in parts)
+    out = ExpertWeights(torch.empty(width, hidden, dtype=dtype), torch.empty(width, hidden, dtype=dtype),
+                        torch.empty(hidden, width, dtype=dtype))
+    if has_bias:
+        out.gate_bias, out.up_bias = torch.zeros(width, dtype=dtype), torch.zeros(width, dtype=dtype)
+        down_bias = torch.zeros(hidden, dtype=torch.float32)
     start = 0
     for expert, scale in parts:
-        end = start + expert[0].shape[0]
-        gate[start:end] = expert[0]
-        up[start:end] = expert[1]
-        down[:, start:end] = expert[2].float() * scale
+        end = start + expert.gate.shape[0]
+        out.gate[start:end] = expert.gate
+        out.up[start:end] = expert.up
+        out.down[:, start:end] = expert.down.float() * scale
+        if has_bias:
+            for name in ("gate_bias", "up_bias"):
+                if getattr(expert, name) is not None:
+                    getattr(out, name)[start:end] = getattr(expert, name)
+            if expert.down_bias is not None:
+                down_bias += scale * expert.down_bias.float()
         start = end
-    return gate, up, down
+    if has_bias:
+        out.down_bias = down_bias.to(dtype)
+    return out

@@ -78,6 +78,5 @@ def plan_layer(stats: LayerStats, method: Method, features: GroupingFeatures, ro
 def expert_weight_loader(ckpt, family, layer: int):
     """ids -> [n, 3*I*H] flattened (gate | up | down) weights, read from disk only when a grouping asks."""
     def load(ids: list[int]) -> torch.Tensor:
-        return torch.stack([torch.cat([t.double().flatten() for t in family.read_expert(ckpt, layer, e)])
-                            for e in ids])
+        return torch.stack([family.read_expert(ckpt, layer, e).flat() for e in ids])
     return load

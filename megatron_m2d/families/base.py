@@ -19,16 +19,45 @@ from megatron_m2d.errors import M2DError
 LAYERS = "model.layers"
 
 
+@dataclass
+class ExpertWeights:
+    """One SwiGLU expert in the nn.Linear convention ([out, in]); biases only where the family has them."""
+
+    gate: torch.Tensor  # [I, H]
+    up: torch.Tensor  # [I, H]
+    down: torch.Tensor  # [H, I]
+    gate_bias: torch.Tensor | None = None  # [I]
+    up_bias: torch.Tensor | None = None  # [I]
+    down_bias: torch.Tensor | None = None  # [H]
+
+    def matrices(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.gate, self.up, self.down
+
+    def flat(self) -> torch.Tensor:
+        """Every parameter in one vector (weight clustering)."""
+        parts = [self.gate, self.up, self.down, self.gate_bias, self.up_bias, self.down_bias]
+        return torch.cat([t.double().flatten() for t in parts if t is not None])
+
+
 @dataclass(frozen=True)
 class ExpertKeys:
     """On-disk names of the routed experts, relative to the MoE block. Both layouts are accepted on read:
-    per-expert matrices (`{e}` is the expert index) and fused stacks over experts."""
+    per-expert matrices (`{e}` is the expert index) and fused stacks over experts. Biases are read when the
+    checkpoint has them (GPT-OSS); interleaved and input-major fused stacks are flags (GPT-OSS stores
+    gate_up as [E, H, 2I] with gate and up in alternating columns)."""
 
     gate: str = "experts.{e}.gate_proj.weight"  # [I, H]
     up: str = "experts.{e}.up_proj.weight"  # [I, H]
     down: str = "experts.{e}.down_proj.weight"  # [H, I]
+    gate_bias: str = "experts.{e}.gate_proj.bias"
+    up_bias: str = "experts.{e}.up_proj.bias"
+    down_bias: str = "experts.{e}.down_proj.bias"
     fused_gate_up: str = "experts.gate_up_proj"  # [E, 2I, H], gate rows first, then up rows
     fused_down: str = "experts.down_proj"  # [E, H, I]
+    fused_gate_up_bias: str = "experts.gate_up_proj_bias"  # [E, 2I]
+    fused_down_bias: str = "experts.down_proj_bias"  # [E, H]
+    fused_input_major: bool = False  # stacks stored as [E, H, 2I] and [E, I, H]
+    fused_interleaved: bool = False  # gate/up alternate (even = gate, odd = up) instead of two halves
 
 
 @dataclass(frozen=True)
@@ -41,6 +70,14 @@ class SharedExpert:
     down_proj: str = "shared_expert.down_proj.weight"
     gate: str | None = "shared_expert_gate.weight"
     width_field: str = "shared_expert_intermediate_size"
+
+
+def _split_halves(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return t.chunk(2, dim=0)
+
+
+def _split_interleaved(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return t[0::2].contiguous(), t[1::2].contiguous()
 
 
 def _sparse_step_layers(config: PretrainedConfig) -> list[int]:
@@ -69,6 +106,7 @@ class Family:
     shared: SharedExpert | None = None
     moe_layers_of: Callable[[PretrainedConfig], list[int]] = _all_layers
     moe_config_fields: tuple[str, ...] = ()  # config fields that only mean something for the MoE
+    router_fn: Callable | None = None  # (moe_block, x) -> (logits, weights, indices); None: moe_block.gate(x)
 
     # ---- config facts -------------------------------------------------------------------------------------
     def num_experts(self, config) -> int:
@@ -100,25 +138,45 @@ class Family:
         head = f"{LAYERS}.{layer}.{self.moe_block}.experts."
         return key.startswith(head)
 
-    def read_expert(self, ckpt, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(gate [I, H], up [I, H], down [H, I]) of one routed expert, from either on-disk layout."""
+    def read_expert(self, ckpt, layer: int, expert: int) -> ExpertWeights:
+        """One routed expert, from either on-disk layout, in the nn.Linear convention."""
         keys = self.experts
         per_expert = self.block_key(layer, keys.gate.format(e=expert))
         if ckpt.has(per_expert):
-            return (ckpt.get(per_expert), ckpt.get(self.block_key(layer, keys.up.format(e=expert))),
-                    ckpt.get(self.block_key(layer, keys.down.format(e=expert))))
+            def optional(template):
+                key = self.block_key(layer, template.format(e=expert))
+                return ckpt.get(key) if ckpt.has(key) else None
+            return ExpertWeights(ckpt.get(per_expert), ckpt.get(self.block_key(layer, keys.up.format(e=expert))),
+                                 ckpt.get(self.block_key(layer, keys.down.format(e=expert))),
+                                 optional(keys.gate_bias), optional(keys.up_bias), optional(keys.down_bias))
         fused = self.block_key(layer, keys.fused_gate_up)
-        if ckpt.has(fused):
-            gate_up = ckpt.get_row(fused, expert)
-            gate, up = gate_up.chunk(2, dim=0)
-            return gate, up, ckpt.get_row(self.block_key(layer, keys.fused_down), expert)
-        raise M2DError(f"layer {layer}: no weights for expert {expert} (looked for {per_expert} and {fused})")
+        if not ckpt.has(fused):
+            raise M2DError(f"layer {layer}: no weights for expert {expert} (looked for {per_expert} and {fused})")
+        gate_up, down = ckpt.get_row(fused, expert), ckpt.get_row(self.block_key(layer, keys.fused_down), expert)
+        if keys.fused_input_major:
+            gate_up, down = gate_up.T.contiguous(), down.T.contiguous()
+        bias_key, down_bias_key = (self.block_key(layer, keys.fused_gate_up_bias),
+                                   self.block_key(layer, keys.fused_down_bias))
+        gate_up_bias = ckpt.get_row(bias_key, expert) if ckpt.has(bias_key) else None
+        split = _split_interleaved if keys.fused_interleaved else _split_halves
+        gate, up = split(gate_up)
+        gate_bias, up_bias = split(gate_up_bias) if gate_up_bias is not None else (None, None)
+        down_bias = ckpt.get_row(down_bias_key, expert) if ckpt.has(down_bias_key) else None
+        return ExpertWeights(gate, up, down, gate_bias, up_bias, down_bias)
 
-    def read_shared(self, ckpt, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def read_shared(self, ckpt, layer: int) -> ExpertWeights | None:
         if self.shared is None:
             return None
         s = self.shared
-        return tuple(ckpt.get(self.block_key(layer, name)) for name in (s.gate_proj, s.up_proj, s.down_proj))
+        return ExpertWeights(*(ckpt.get(self.block_key(layer, name)) for name in (s.gate_proj, s.up_proj, s.down_proj)))
+
+    def route(self, moe_block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(router logits [T, E], routing weights [T, k], expert indices [T, k]) exactly as the model routes.
+        transformers' routers of these families return that triple; a family whose router differs (sigmoid
+        scores with a selection-only correction bias, group-limited top-k) supplies `router_fn`."""
+        if self.router_fn is not None:
+            return self.router_fn(moe_block, x)
+        return moe_block.gate(x)
 
     # ---- the dense target ---------------------------------------------------------------------------------
     def dense_layout(self, config, width: int) -> str:
