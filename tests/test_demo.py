@@ -24,3 +24,24 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert main(["demo", "--out", str(out)]) == 2
     assert "exists" in capsys.readouterr().err
+
+
+def test_offline_tool_never_imports_megatron(tmp_path):
+    """calibrate + densify + inspect in a fresh process: no megatron (or modelopt) module gets imported."""
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+from megatron_m2d.cli import main
+from megatron_m2d.testing.tiny import build_tiny_moe, write_sample_text
+model = build_tiny_moe({str(tmp_path / 'm')!r})
+text = write_sample_text({str(tmp_path / 't')!r})
+assert main(["densify", "--model", str(model), "--data", str(text), "--tokens", "256", "--seq-len", "64",
+             "--scoring", "gld_reap", "--out", {str(tmp_path / 'd')!r}]) == 0
+assert main(["inspect", {str(tmp_path / 'd' / 'm2d_stats')!r}]) == 0
+bad = sorted(m for m in sys.modules if m.split(".")[0] in ("megatron", "modelopt", "transformer_engine"))
+assert not bad, bad
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
