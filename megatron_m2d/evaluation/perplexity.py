@@ -1,8 +1,12 @@
-"""Held-out perplexity of a HF causal LM (MoE or dense alike).
+"""Held-out perplexity of a HF causal LM (MoE or dense alike), token-weighted.
 
-Method: the text is tokenized and packed into non-overlapping windows of `seq_len` tokens (documents joined by
-the end-of-text token, as in calibration); every token but the first of each window is predicted once, and
-perplexity is exp(sum of token NLLs / number of predicted tokens), i.e. token-weighted.
+The source's `eval` documents are tokenized in order and joined with the end-of-text token into one stream of
+up to `max_tokens` tokens. Two methods:
+- `nonoverlapping` (default): windows of `seq_len` tokens; every token but the first of each window is scored
+  once, with the context before it inside its window.
+- `sliding`: windows of `seq_len` advanced by `stride`; each token is scored once, in the window that gives it
+  the most context (at least seq_len - stride tokens once the first window is past), as in HF's perplexity guide.
+Perplexity = exp(sum of token NLLs / number of scored tokens).
 """
 
 from __future__ import annotations
@@ -12,28 +16,70 @@ import math
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from megatron_m2d.data.text import token_blocks
+from megatron_m2d.data.text import token_stream
+from megatron_m2d.errors import M2DError
+
+METHODS = ("nonoverlapping", "sliding")
+
+
+def _window_nll(model, ids: torch.Tensor, scored_from: int) -> tuple[float, int]:
+    """Summed NLL of the tokens ids[:, scored_from + 1:] given everything before them."""
+    logits = model(input_ids=ids).logits.float()
+    targets = ids[:, scored_from + 1:]
+    nll = torch.nn.functional.cross_entropy(logits[:, scored_from:-1].reshape(-1, logits.shape[-1]),
+                                            targets.reshape(-1), reduction="sum")
+    return float(nll), targets.numel()
+
+
+def perplexity(model, tokenizer, source: str, seq_len: int = 256, max_tokens: int = 32768, batch_size: int = 8,
+               method: str = "nonoverlapping", stride: int | None = None) -> dict:
+    """{'ppl', 'nll', 'tokens', 'method'} of `model` on up to `max_tokens` tokens of `source`'s eval split."""
+    stream = token_stream(tokenizer, source, max_tokens, role="eval")
+    return stream_perplexity(model, stream, seq_len, batch_size, method, stride)
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, source: str, seq_len: int = 256, max_tokens: int = 32768,
-               batch_size: int = 8, seed: int = 0) -> dict:
-    """{'ppl', 'nll', 'tokens'} of `model` on up to `max_tokens` tokens of `source`."""
-    blocks = token_blocks(tokenizer, source, max_tokens, seq_len, seed)
+def stream_perplexity(model, stream: torch.Tensor, seq_len: int = 256, batch_size: int = 8,
+                      method: str = "nonoverlapping", stride: int | None = None) -> dict:
+    """Perplexity of `model` on a token stream (see the module docstring for the two methods)."""
+    if method not in METHODS:
+        raise M2DError(f"unknown perplexity method {method!r} (choose from {', '.join(METHODS)})")
+    if len(stream) < seq_len:
+        raise M2DError(f"eval data has {len(stream)} tokens, fewer than one window of {seq_len}")
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
-    for batch in blocks.split(batch_size):
-        batch = batch.to(device)
-        logits = model(input_ids=batch).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                batch[:, 1:].reshape(-1), reduction="sum")
-        total_nll += float(nll)
-        total_tokens += batch[:, 1:].numel()
+    if method == "nonoverlapping":
+        blocks = stream[: len(stream) // seq_len * seq_len].view(-1, seq_len)
+        for batch in blocks.split(batch_size):
+            nll, count = _window_nll(model, batch.to(device), 0)
+            total_nll, total_tokens = total_nll + nll, total_tokens + count
+    else:
+        stride = stride or seq_len // 2
+        if not 0 < stride <= seq_len:
+            raise M2DError("--stride must lie in [1, seq_len]")
+        scored_until = 0  # tokens [1, scored_until] already scored
+        for begin in range(0, len(stream) - 1, stride):
+            end = min(begin + seq_len, len(stream))
+            window = stream[begin:end].unsqueeze(0).to(device)
+            first_new = max(scored_until - begin, 0)  # window position of the last already-scored token
+            nll, count = _window_nll(model, window, first_new)
+            total_nll, total_tokens = total_nll + nll, total_tokens + count
+            scored_until = end - 1
+            if end == len(stream):
+                break
     mean = total_nll / total_tokens
-    return {"ppl": math.exp(mean), "nll": mean, "tokens": total_tokens}
+    return {"ppl": math.exp(mean), "nll": mean, "tokens": total_tokens, "method": method}
 
 
-def perplexity_of_dir(model_dir, source: str, **kwargs) -> dict:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+def load_model(model_dir, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise M2DError(f"cannot load {model_dir}: {str(exc).splitlines()[0]}") from None
+    return model, tokenizer
+
+
+def perplexity_of_dir(model_dir, source: str, device: str = "cpu", **kwargs) -> dict:
+    model, tokenizer = load_model(model_dir, device)
     return perplexity(model, tokenizer, source, **kwargs)

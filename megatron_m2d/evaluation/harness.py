@@ -1,0 +1,37 @@
+"""lm-eval harness tasks on our HF outputs (MoE teachers and dense students load as plain HF models).
+
+Benchmark datasets download from the hub; offline, point `include_path` at YAML tasks over local JSON files
+(`examples/tasks/` has one), which is also how the integration is tested.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from megatron_m2d.errors import M2DError
+
+
+def run_tasks(model_dir, tasks: list[str], include_path: str | None = None, limit: int | None = None,
+              num_fewshot: int | None = None, batch_size: int = 8, device: str = "cpu") -> dict[str, dict]:
+    """{task: {metric: value}} from lm-eval's `simple_evaluate` with its HF backend."""
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise M2DError("lm-eval is not installed: pip install 'megatron_m2d[eval]'") from None
+    manager = TaskManager(include_path=include_path)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise M2DError(f"unknown lm-eval task(s): {', '.join(unknown)}"
+                       + ("" if include_path else " (local YAML tasks need --include-path)"))
+    model_dir = Path(model_dir).resolve()
+    # datasets resolves a task's relative data_files against the working directory: run inside the task
+    # folder so that local YAML tasks can name their JSON files relative to themselves.
+    with contextlib.chdir(include_path or "."):
+        results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype=float32",
+                                          tasks=tasks, task_manager=manager, limit=limit,
+                                          num_fewshot=num_fewshot, batch_size=batch_size, device=device)
+    return {task: {metric.split(",")[0]: value for metric, value in scores.items()
+                   if isinstance(value, (int, float)) and not metric.startswith("alias")}
+            for task, scores in results["results"].items()}

@@ -1,0 +1,1 @@
+"""Sweeps over the method grid from one calibration pass."""

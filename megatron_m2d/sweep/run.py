@@ -1,0 +1,166 @@
+"""`m2d sweep`: one calibration pass, many densification methods, each evaluated by held-out perplexity.
+
+The paper's screen is 7 scorings x 5 groupings x 2 scalings x 5 K = 350 configurations. The dense student has
+the same architecture for every configuration (its width is k experts), so one student is loaded once and each
+configuration only rewrites its FFN weights in memory: nothing goes to disk unless --save-checkpoints.
+With K = k every expert is its own group, so groupings cannot differ: those rows are evaluated once and
+marked `same_as`. Results are appended to results.jsonl as they come, so a killed sweep continues where it
+stopped; CSV and Markdown tables and PNG plots are written at the end.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from megatron_m2d.calibration.run import calibrate
+from megatron_m2d.calibration.store import Statistics, model_fingerprint
+from megatron_m2d.data.text import token_stream
+from megatron_m2d.densification.export import build_ffn, dense_width, write_dense
+from megatron_m2d.densification.grouping import GROUPINGS
+from megatron_m2d.densification.merge import SCALINGS
+from megatron_m2d.densification.plan import Method
+from megatron_m2d.densification.run import densify, make_plans
+from megatron_m2d.densification.scoring import SCORINGS, KernelOptions
+from megatron_m2d.errors import M2DError
+from megatron_m2d.evaluation.perplexity import load_model, stream_perplexity
+from megatron_m2d.families import family_of
+from megatron_m2d.io.checkpoint import Checkpoint
+from megatron_m2d.sweep.report import write_reports
+
+RESULTS = "results.jsonl"
+
+
+@dataclass(frozen=True)
+class Config:
+    scoring: str
+    grouping: str
+    scaling: str
+    select: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.scoring}|{self.grouping}|{self.scaling}|K{self.select}"
+
+
+def grid(scorings, groupings, scalings, selects, groups: int) -> list[Config]:
+    for name, allowed, kind in ((scorings, SCORINGS, "scoring"), (groupings, GROUPINGS, "grouping"),
+                                (scalings, SCALINGS, "scaling")):
+        unknown = [v for v in name if v not in allowed]
+        if unknown:
+            raise M2DError(f"unknown {kind}(s): {', '.join(unknown)}")
+    bad = [k for k in selects if k < groups]
+    if bad:
+        raise M2DError(f"--select values {bad} are below k = {groups}")
+    return [Config(*c) for c in itertools.product(scorings, groupings, scalings, selects)]
+
+
+def load_results(out: Path) -> dict[str, dict]:
+    path = out / RESULTS
+    if not path.exists():
+        return {}
+    rows = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[row["key"]] = row
+    return rows
+
+
+def _apply_ffn(model, layer: int, ffn, layout: str) -> None:
+    """Overwrite one layer's dense FFN in the loaded student."""
+    mlp = model.model.layers[layer].mlp
+    with torch.no_grad():
+        if layout == "dense":
+            mlp.gate_proj.weight.copy_(ffn.gate)
+            mlp.up_proj.weight.copy_(ffn.up)
+            mlp.down_proj.weight.copy_(ffn.down)
+        else:  # the one-expert student keeps transformers' fused expert stacks in memory
+            mlp.experts.gate_up_proj[0].copy_(torch.cat([ffn.gate, ffn.up]))
+            mlp.experts.down_proj[0].copy_(ffn.down)
+
+
+def sweep(model: str | Path, out: str | Path, scorings=tuple(SCORINGS), groupings=tuple(GROUPINGS),
+          scalings=tuple(SCALINGS), selects: list[int] | None = None, groups: int | None = None,
+          stats: str | Path | None = None, data: str | None = None, eval_data: str = "fixture",
+          eval_tokens: int = 16384, seq_len: int = 256, kernel: KernelOptions = KernelOptions(), seed: int = 0,
+          save_checkpoints: bool = False, calibration: dict | None = None, progress: bool = True) -> list[dict]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpoint(model)
+    family = family_of(ckpt.config)
+    groups = groups or family.top_k(ckpt.config)
+    selects = selects or [groups]
+    configs = grid(scorings, groupings, scalings, selects, groups)
+    if stats is None:
+        if data is None:
+            raise M2DError("sweep needs --stats, or --data to calibrate first")
+        stats_dir = out / "stats"
+        if not (stats_dir / "meta.json").exists():
+            calibrate(model, data, stats_dir, progress=progress, **{"gram": True, **(calibration or {})})
+        stats = stats_dir
+    statistics = Statistics(stats)
+    statistics.check_matches(model_fingerprint(ckpt, family), model)
+    done = load_results(out)
+    (out / "sweep.json").write_text(json.dumps({
+        "model": str(Path(model).resolve()), "stats": str(Path(stats).resolve()), "eval_data": eval_data,
+        "eval_tokens": eval_tokens, "seq_len": seq_len, "groups": groups, "kernel": vars(kernel),
+        "configurations": len(configs)}, indent=1) + "\n")
+
+    layout, _ = dense_width(family, ckpt.config, groups)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        first = Method(configs[0].scoring, configs[0].select, groups, configs[0].grouping, configs[0].scaling,
+                       kernel=kernel, seed=seed)
+        write_dense(ckpt, family, make_plans(ckpt, family, statistics, first), first, Path(tmp), progress=False)
+        student, tokenizer = load_model(tmp)
+    tokens = token_stream(tokenizer, eval_data, eval_tokens, role="eval")  # tokenized once for all configs
+    evaluate = lambda m: stream_perplexity(m, tokens, seq_len=seq_len)
+
+    results = [done[c.key] for c in configs if c.key in done]
+    pending = [c for c in configs if c.key not in done]
+    started = time.perf_counter()
+    computed: dict[tuple, str] = {tuple(r["effective"]): r["key"] for r in results}
+    bar = tqdm(pending, desc="sweep", unit="config", disable=not progress, initial=len(results), total=len(configs))
+    for config in bar:
+        bar.set_postfix_str(config.key)
+        # with K = k, groupings cannot differ: evaluate once, point the others at it
+        effective = (config.scoring, "-" if config.select == groups else config.grouping, config.scaling, config.select)
+        row = {"key": config.key, **vars(config), "groups": groups, "effective": effective}
+        if effective in computed:
+            twin = next(r for r in results if r["key"] == computed[effective])
+            row.update(ppl=twin["ppl"], nll=twin["nll"], seconds=0.0, same_as=twin["key"])
+        else:
+            tick = time.perf_counter()
+            method = Method(config.scoring, config.select, groups, config.grouping, config.scaling,
+                            kernel=kernel, seed=seed)
+            plans = make_plans(ckpt, family, statistics, method)
+            for layer, plan in plans.items():
+                _apply_ffn(student, layer, build_ffn(ckpt, family, plan, method, layout), layout)
+            ckpt.release()
+            score = evaluate(student)
+            row.update(ppl=score["ppl"], nll=score["nll"], seconds=round(time.perf_counter() - tick, 3))
+            computed[effective] = config.key
+            if save_checkpoints:
+                densify(model, out / "checkpoints" / config.key.replace("|", "_"), config.scoring,
+                        select=config.select, groups=groups, stats=stats, overwrite=True, progress=False,
+                        grouping=config.grouping, scaling=config.scaling, kernel=kernel, seed=seed)
+        row["effective"] = list(effective)
+        with (out / RESULTS).open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        results.append(row)
+    elapsed = time.perf_counter() - started
+    teacher_model, _ = load_model(model)
+    teacher = evaluate(teacher_model)
+    del teacher_model
+    write_reports(out, results, teacher["ppl"], elapsed)
+    if progress:
+        print(f"{len(configs)} configurations ({len({tuple(r['effective']) for r in results})} distinct) in "
+              f"{elapsed:.0f} s this run; teacher ppl {teacher['ppl']:.2f}; tables and plots in {out}")
+    return results
