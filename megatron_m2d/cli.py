@@ -65,6 +65,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score", default="selection_freq", help="per-expert quantity to plot")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
+    p = commands.add_parser("eval", help="held-out perplexity, and lm-eval harness tasks, of a HF model")
+    p.add_argument("--model", required=True, help="HF model directory (MoE or dense)")
+    p.add_argument("--data", default="fixture",
+                   help="eval text: file/dir, named source (fixture, wikitext2, ...) or HF dataset (default fixture)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, default=32768)
+    p.add_argument("--method", default="nonoverlapping", choices=["nonoverlapping", "sliding"])
+    p.add_argument("--stride", type=int, help="sliding window stride (default seq_len / 2)")
+    p.add_argument("--tasks", help="comma-separated lm-eval tasks (instead of perplexity)")
+    p.add_argument("--include-path", help="folder of local lm-eval YAML tasks")
+    p.add_argument("--limit", type=int, help="lm-eval: items per task")
+    p.add_argument("--num-fewshot", type=int)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true")
+
+    p = commands.add_parser("sweep", help="evaluate a grid of methods from one calibration pass")
+    p.add_argument("--model", required=True)
+    p.add_argument("--stats", help="statistics (omit to calibrate first on --data, with --gram)")
+    p.add_argument("--data", help="calibration text when --stats is omitted")
+    p.add_argument("--scorings", default=",".join(SCORINGS))
+    p.add_argument("--groupings", default=",".join(GROUPINGS))
+    p.add_argument("--scalings", default=",".join(SCALINGS))
+    p.add_argument("--select", help="comma-separated K values (default: k)")
+    p.add_argument("--groups", type=int, help="k (default: the model's top-k)")
+    p.add_argument("--eval-data", default="fixture")
+    p.add_argument("--eval-tokens", type=int, default=16384)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--save-checkpoints", action="store_true", help="also write every dense checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+
+    p = commands.add_parser("d2d", help="baseline: dense-to-dense FFN width pruning of a dense teacher")
+    p.add_argument("--model", required=True, help="dense HF teacher")
+    p.add_argument("--width", type=int, required=True, help="FFN width to keep")
+    _calibration_flags(p, data_required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+
+    p = commands.add_parser("random-ffn", help="baseline: teacher attention with a freshly initialised dense FFN")
+    p.add_argument("--model", required=True, help="HF MoE teacher")
+    p.add_argument("--groups", type=int, help="width in experts, as densify's k (default: top-k)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+
+    p = commands.add_parser("distill", help="distill a dense student from its MoE teacher (forward KL on logits)")
+    p.add_argument("--backend", default="hf", choices=["hf"], help="hf: PyTorch + transformers (torchrun DDP)")
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--student", required=True)
+    p.add_argument("--data", required=True, help="training text (its train split)")
+    p.add_argument("--out", required=True)
+    for flag, kind, default in (("--steps", int, 200), ("--seq-len", int, 256), ("--micro-batch", int, 8),
+                                ("--grad-accum", int, 1), ("--lr", float, 1e-4), ("--min-lr", float, 1e-5),
+                                ("--warmup", int, 10), ("--decay", int, 0), ("--temperature", float, 1.0),
+                                ("--kd-weight", float, 1.0), ("--teacher-top-k", int, None),
+                                ("--train-tokens", int, 2_000_000), ("--save-every", int, 100), ("--seed", int, 0),
+                                ("--weight-decay", float, 0.0), ("--clip-grad", float, 1.0)):
+        p.add_argument(flag, type=kind, default=default)
+    p.add_argument("--schedule", default="wsd", choices=["wsd", "cosine", "constant"])
+    p.add_argument("--device", default="auto")
+
     p = commands.add_parser("demo", help="the whole offline path on the embedded default model (CPU, ~1 min)")
     p.add_argument("--out", default="m2d-demo")
     p.add_argument("--tokens", type=int, default=16384)
@@ -96,10 +158,61 @@ def run(args: argparse.Namespace) -> None:
         print(json.dumps(rows, indent=1) if args.json else format_table(rows))
         if args.plot:
             print(f"heatmap of {args.score} -> {args.plot}")
+    elif args.command == "eval":
+        _run_eval(args)
+    elif args.command == "sweep":
+        from megatron_m2d.sweep.run import sweep
+
+        sweep(args.model, args.out, _list(args.scorings), _list(args.groupings), _list(args.scalings),
+              [int(k) for k in _list(args.select)] if args.select else None, args.groups, args.stats, args.data,
+              args.eval_data, args.eval_tokens, args.seq_len, seed=args.seed,
+              save_checkpoints=args.save_checkpoints)
+    elif args.command == "d2d":
+        from megatron_m2d.baselines.d2d import d2d
+
+        d2d(args.model, args.data, args.out, args.width, args.tokens, args.seq_len, args.batch_size, args.device,
+            args.dtype, args.seed, args.overwrite)
+    elif args.command == "random-ffn":
+        from megatron_m2d.baselines.random_ffn import random_ffn
+
+        random_ffn(args.model, args.out, args.groups, args.seed, args.overwrite)
+    elif args.command == "distill":
+        from megatron_m2d.distillation.hf import DistillConfig, distill
+
+        fields = DistillConfig.__dataclass_fields__
+        config = DistillConfig(**{k: v for k, v in vars(args).items() if k in fields})
+        result = distill(args.teacher, args.student, args.data, args.out, config, args.device)
+        print(f"distilled {result['tokens']:,} tokens in {result['steps']} steps -> {result['model']}")
     elif args.command == "demo":
         from megatron_m2d.demo import run_demo
 
         run_demo(args.out, tokens=args.tokens, overwrite=args.overwrite)
+
+
+def _list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _run_eval(args) -> None:
+    if args.tasks:
+        from megatron_m2d.evaluation.harness import run_tasks
+
+        results = run_tasks(args.model, _list(args.tasks), args.include_path, args.limit, args.num_fewshot,
+                            device=args.device)
+        if args.json:
+            print(json.dumps(results, indent=1))
+        for task, metrics in results.items():
+            print(task + ": " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "sample_len"))
+        return
+    from megatron_m2d.evaluation.perplexity import perplexity_of_dir
+
+    result = perplexity_of_dir(args.model, args.data, args.device, seq_len=args.seq_len,
+                               max_tokens=args.max_tokens, method=args.method, stride=args.stride)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"perplexity {result['ppl']:.3f} ({result['method']}, {result['tokens']} tokens scored, "
+              f"windows of {args.seq_len})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,8 @@ class _Catcher(nn.Module):
 
 
 class LayerStreamer:
-    def __init__(self, ckpt: Checkpoint, family: Family, device: str, dtype: torch.dtype):
+    def __init__(self, ckpt: Checkpoint, family: Family | None, device: str, dtype: torch.dtype):
+        """`family` None: a dense model (the D2D baseline's teacher), whose layers load as they are on disk."""
         self.ckpt, self.family, self.device, self.dtype = ckpt, family, torch.device(device), dtype
         config = copy.deepcopy(ckpt.config)
         config._attn_implementation = "sdpa"
@@ -78,10 +79,10 @@ class LayerStreamer:
         state = {}
         head = f"{LAYERS}.{index}."
         for key in self.ckpt.layer_keys(index):
-            if self.family.is_routed_expert_key(index, key):
+            if self.family is not None and self.family.is_routed_expert_key(index, key):
                 continue
             name = key[len(head):]
-            if name.startswith(self.family.moe_block + "."):
+            if self.family is not None and name.startswith(self.family.moe_block + "."):
                 name = "mlp." + name[len(self.family.moe_block) + 1:]
             state[name] = self.ckpt.get(key)
         if "mlp.experts.gate_up_proj" in wanted:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -16,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from megatron_m2d.densification.merge import concat_dense, merge_group
 from megatron_m2d.densification.plan import LayerPlan, Method
 from megatron_m2d.errors import M2DError
-from megatron_m2d.families.base import LAYERS, Family
+from megatron_m2d.families.base import LAYERS, ExpertWeights, Family
 from megatron_m2d.io.checkpoint import Checkpoint
 from megatron_m2d.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter
 
@@ -55,9 +56,21 @@ def build_ffn(ckpt: Checkpoint, family: Family, plan: LayerPlan, method: Method,
 
 def write_dense(ckpt: Checkpoint, family: Family, plans: dict[int, LayerPlan], method: Method, out: Path,
                 progress: bool = True, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
-    """Write weights, config and tokenizer files of the dense student into the (temporary) directory `out`."""
+    """Write weights, config and tokenizer files of the dense student made by `plans` into `out`."""
+    return write_student(ckpt, family, method.groups, lambda layer, layout, dtype: build_ffn(
+        ckpt, family, plans[layer], method, layout, dtype), out, progress, max_shard_bytes)
+
+
+FfnSource = Callable[[int, str, torch.dtype], ExpertWeights]  # (layer, layout, dtype) -> the dense FFN
+
+
+def write_student(ckpt: Checkpoint, family: Family, groups: int, ffn_for_layer: FfnSource, out: Path,
+                  progress: bool = True, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
+    """Every tensor outside the MoE blocks copied, each MoE block replaced by `ffn_for_layer(...)`, as the
+    family's dense target class of FFN width k experts (plus a folded shared expert)."""
     config = ckpt.config
-    layout, width = dense_width(family, config, method.groups)
+    moe_layers = set(family.moe_layers(config))
+    layout, width = dense_width(family, config, groups)
     target = family.dense_config(config, width)
     dtype = ckpt.dtype()
     target.dtype = dtype
@@ -85,18 +98,18 @@ def write_dense(ckpt: Checkpoint, family: Family, plans: dict[int, LayerPlan], m
             continue
         put(key, ckpt.get(key))
     for layer in tqdm(range(config.num_hidden_layers), desc="densify", unit="layer", disable=not progress):
-        plan = plans.get(layer)
+        is_moe = layer in moe_layers
         block = f"{LAYERS}.{layer}.{family.moe_block}."
         for key in by_layer.get(layer, []):
-            if plan is not None and key.startswith(block):
+            if is_moe and key.startswith(block):
                 keep_shared = layout == "one_expert" and family.shared and not family.is_routed_expert_key(layer, key) \
                     and key != family.block_key(layer, family.router)
                 if not keep_shared:
                     continue  # replaced by the dense FFN below
             put(key, ckpt.get(key))
-        if plan is None:
+        if not is_moe:
             continue
-        ffn = build_ffn(ckpt, family, plan, method, layout, dtype)
+        ffn = ffn_for_layer(layer, layout, dtype)
         names = family.dense_ffn_keys(layout, layer)
         for part in ("gate", "up", "down"):
             put(names[part], getattr(ffn, part))

@@ -1,0 +1,1 @@
+"""Baselines: dense-to-dense width pruning (D2D) and a random dense FFN."""

@@ -1,0 +1,99 @@
+"""`m2d d2d`: dense-to-dense width pruning of a dense teacher (the paper's D2D baseline, Minitron-style).
+
+Neuron importance is activation-based, as in Minitron (Muralidharan et al., 2024): for every FFN neuron j of a
+layer, the mean over calibration tokens of |h_j|, where h = act(gate x) * up x is the input of down_proj.
+Each layer keeps its `width` most important neurons (in their original order): gate/up rows and down columns.
+Calibration streams the teacher one layer at a time, like `m2d calibrate`, so any size fits.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from megatron_m2d.calibration.run import _load_tokenizer, resolve_device, resolve_dtype
+from megatron_m2d.calibration.streaming import LayerStreamer
+from megatron_m2d.data.text import token_blocks
+from megatron_m2d.densification.export import _copy_side_files
+from megatron_m2d.errors import M2DError
+from megatron_m2d.families import FAMILIES
+from megatron_m2d.families.base import LAYERS
+from megatron_m2d.io.checkpoint import Checkpoint
+from megatron_m2d.io.writer import ShardedWriter, atomic_directory, check_output_path, write_json
+
+FFN = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+
+
+def neuron_importance(ckpt: Checkpoint, blocks: torch.Tensor, batch_size: int, device: str, dtype: torch.dtype,
+                      progress: bool) -> dict[int, torch.Tensor]:
+    """Per layer: mean |input of down_proj| over the calibration tokens, [intermediate]."""
+    streamer = LayerStreamer(ckpt, None, device, dtype)
+    batches = list(blocks.split(batch_size))
+    hidden = [streamer.embed(b)[0] for b in batches]
+    kwargs = [streamer.layer_kwargs(tuple(b.shape)) for b in batches]
+    importance = {}
+    for index in tqdm(range(ckpt.config.num_hidden_layers), desc="d2d importance", unit="layer",
+                      disable=not progress):
+        layer = streamer.load_layer(index)
+        total = torch.zeros(layer.mlp.down_proj.in_features, dtype=torch.float64)
+
+        def accumulate(module, args):
+            total.add_(args[0].reshape(-1, args[0].shape[-1]).abs().sum(0).double().cpu())
+
+        hook = layer.mlp.down_proj.register_forward_pre_hook(accumulate)
+        with torch.no_grad():
+            for b, batch_kwargs in enumerate(kwargs):
+                hidden[b] = layer(hidden[b], **batch_kwargs[index])
+        hook.remove()
+        importance[index] = total / blocks.numel()
+        del layer
+    return importance
+
+
+def d2d(model: str | Path, data: str, out: str | Path, width: int, tokens: int = 65536, seq_len: int = 512,
+        batch_size: int = 8, device: str = "auto", dtype: str = "auto", seed: int = 0, overwrite: bool = False,
+        progress: bool = True) -> Path:
+    out = check_output_path(out, overwrite)
+    ckpt = Checkpoint(model)
+    config = ckpt.config
+    if config.model_type in FAMILIES:
+        raise M2DError(f"{model} is a {config.model_type} MoE: d2d prunes dense models; use `m2d densify`")
+    full = getattr(config, "intermediate_size", None)
+    if not isinstance(full, int) or not ckpt.has(f"{LAYERS}.0.{FFN[2]}"):
+        raise M2DError(f"{model} has no gate/up/down SwiGLU FFN that d2d knows how to prune")
+    if not 1 <= width <= full:
+        raise M2DError(f"--width must lie in [1, {full}] (the teacher's intermediate size)")
+    device = resolve_device(device)
+    blocks = token_blocks(_load_tokenizer(ckpt.path), data, tokens, seq_len, seed)
+    importance = neuron_importance(ckpt, blocks, batch_size, device, resolve_dtype(dtype, device), progress)
+    kept = {layer: torch.sort(torch.topk(score, width).indices).values for layer, score in importance.items()}
+    with atomic_directory(out, overwrite) as tmp:
+        writer = ShardedWriter(tmp)
+        for key in ckpt.keys():
+            tensor = ckpt.get(key)
+            parts = key.split(".")
+            if key.startswith(LAYERS + ".") and ".".join(parts[3:]) in FFN:
+                rows = kept[int(parts[2])]
+                tensor = tensor[:, rows] if key.endswith("down_proj.weight") else tensor[rows]
+            writer.add(key, tensor.contiguous())
+        writer.close()
+        ckpt.release()
+        target = ckpt.config
+        target.intermediate_size = width
+        target.save_pretrained(tmp)
+        _copy_side_files(ckpt.path, tmp)
+        write_json(tmp / "m2d_d2d.json", {
+            "teacher": str(Path(model).resolve()), "data": data, "tokens": int(blocks.numel()), "width": width,
+            "teacher_width": full, "importance": "mean |act(gate x) * up x| over calibration tokens",
+            "kept": {str(k): v.tolist() for k, v in kept.items()}})
+        (tmp / "README.md").write_text(
+            f"# D2D baseline of `{model}`\n\nDense-to-dense width pruning (megatron_m2d `m2d d2d`): every FFN "
+            f"keeps its {width} of {full} neurons with the largest mean |act(gate x) * up x| over "
+            f"{blocks.numel()} tokens of `{data}` (Minitron-style activation importance). Attention, embeddings "
+            "and norms are the teacher's. Not distilled yet.\n")
+    if progress:
+        print(f"pruned FFN width {full} -> {width} -> {out}")
+    return out

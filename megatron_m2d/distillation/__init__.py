@@ -1,0 +1,1 @@
+"""Stage 4: distillation of the dense student from the MoE teacher (HF backend here)."""

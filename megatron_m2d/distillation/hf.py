@@ -1,0 +1,206 @@
+"""`m2d distill --backend hf`: forward-KL logit distillation of the dense student from the MoE teacher in plain
+PyTorch + transformers, single process or torchrun DDP. The small-scale path (the demo runs it on CPU) and the
+reference the Megatron path is checked against.
+
+Loss per token: kd_weight * T^2 KL(softmax(z_t / T) || softmax(z_s / T)) + (1 - kd_weight) * CE(next token),
+averaged over tokens. The KL is nvidia-modelopt's LogitsDistillationLoss when modelopt is installed.
+Data: the source's `train` documents packed into blocks; block order is a seeded permutation per epoch, so the
+batch of every step is a function of (seed, step) and a resumed run sees exactly the batches it would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from megatron_m2d.data.text import token_blocks
+from megatron_m2d.distillation.state import (SCHEDULES, latest_checkpoint, learning_rate, load_training_state,
+                                             save_training_state)
+from megatron_m2d.errors import M2DError
+from megatron_m2d.evaluation.perplexity import load_model
+from megatron_m2d.io.writer import atomic_directory
+
+
+@dataclass
+class DistillConfig:
+    steps: int = 200
+    seq_len: int = 256
+    micro_batch: int = 8  # sequences per forward, per process
+    grad_accum: int = 1  # micro-batches per optimizer step, per process
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    schedule: str = "wsd"
+    warmup: int = 10
+    decay: int = 0  # wsd: steps of the final decay (0: the last 10 %)
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    temperature: float = 1.0
+    kd_weight: float = 1.0  # 1: pure KD; below 1 mixes in the LM loss (SlimQwen)
+    teacher_top_k: int | None = None  # run the MoE teacher with more active experts (paper: 2 x top-k)
+    train_tokens: int = 2_000_000  # tokens of the training source packed into blocks
+    seed: int = 0
+    save_every: int = 100
+    log_every: int = 10
+
+    def validate(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise M2DError(f"unknown schedule {self.schedule!r} (choose from {', '.join(SCHEDULES)})")
+        if not 0.0 <= self.kd_weight <= 1.0:
+            raise M2DError("--kd-weight must lie in [0, 1]")
+        if self.steps < 1 or self.micro_batch < 1 or self.grad_accum < 1 or self.temperature <= 0:
+            raise M2DError("--steps, --micro-batch and --grad-accum must be >= 1 and --temperature > 0")
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-token forward KL(teacher || student) x T^2, [B, S]."""
+    try:  # the field's implementation when installed; reduction='none' keeps one value per token
+        from modelopt.torch.distill import LogitsDistillationLoss
+
+        return LogitsDistillationLoss(temperature, reduction="none")(student_logits.float(), teacher_logits.float())
+    except ImportError:  # the same formula, so CI without modelopt trains identically
+        log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+        p_t = F.softmax(teacher_logits.float() / temperature, dim=-1)
+        return F.kl_div(log_s, p_t, reduction="none").sum(-1) * temperature**2
+
+
+def set_teacher_top_k(teacher, top_k: int | None) -> None:
+    """Teacher top-k expansion: every router of the MoE teacher selects `top_k` experts."""
+    if top_k is None:
+        return
+    routers = [m for m in teacher.modules() if hasattr(m, "top_k") and hasattr(m, "num_experts")]
+    if not routers:
+        raise M2DError("--teacher-top-k needs an MoE teacher")
+    for router in routers:
+        if top_k > router.num_experts:
+            raise M2DError(f"--teacher-top-k {top_k} exceeds the teacher's {router.num_experts} experts")
+        router.top_k = top_k
+
+
+def _distributed() -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def distill(teacher: str | Path, student: str | Path, data: str, out: str | Path, config: DistillConfig,
+            device: str = "auto", progress: bool = True) -> dict:
+    """Distill `student` from `teacher` on `data`; checkpoints in out/checkpoints, the final HF model in
+    out/model, the loss curve in out/log.jsonl. Started again with the same arguments, it resumes."""
+    config.validate()
+    rank, world = _distributed()
+    if device == "auto":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    out = Path(out)
+    checkpoints = out / "checkpoints"
+    torch.manual_seed(config.seed)
+    teacher_model, tokenizer = load_model(teacher, device, dtype)
+    set_teacher_top_k(teacher_model, config.teacher_top_k)
+    for p in teacher_model.parameters():
+        p.requires_grad_(False)
+    resume_from = latest_checkpoint(checkpoints)
+    student_model, student_tokenizer = load_model(resume_from or student, device, torch.float32)
+    if len(student_tokenizer) != len(tokenizer) or student_model.config.vocab_size != teacher_model.config.vocab_size:
+        raise M2DError("teacher and student have different vocabularies")
+    student_model.train()
+    optimizer = torch.optim.AdamW(student_model.parameters(), lr=config.lr, betas=(0.9, 0.95),
+                                  weight_decay=config.weight_decay)
+    start = load_training_state(resume_from, optimizer)["step"] if resume_from else 0
+    if resume_from and rank == 0 and progress:
+        print(f"resuming from {resume_from} at step {start}")
+    model = torch.nn.parallel.DistributedDataParallel(student_model) if world > 1 else student_model
+
+    blocks = token_blocks(tokenizer, data, config.train_tokens, config.seq_len, config.seed, role="train")
+    per_step = config.micro_batch * config.grad_accum * world
+    decay = config.decay or max(1, config.steps // 10)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "distill_config.json").write_text(json.dumps(
+            {**asdict(config), "teacher": str(teacher), "student": str(student), "data": data, "world": world,
+             "train_blocks": len(blocks)}, indent=1))
+    log = (out / "log.jsonl").open("a") if rank == 0 else None
+    bar = tqdm(range(start, config.steps), desc="distill", unit="step", initial=start, total=config.steps,
+               disable=not progress or rank != 0)
+    tick, tokens_seen = time.perf_counter(), 0
+    for step in bar:
+        lr = learning_rate(step, config.steps, config.lr, config.min_lr, config.schedule, config.warmup, decay)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = _global_batch(blocks, step, per_step, config.seed)
+        mine = batch[rank::world]  # each process its own share of the global batch
+        totals = torch.zeros(3, dtype=torch.float64)
+        for m, micro in enumerate(mine.split(config.micro_batch)):
+            micro = micro.to(device)
+            with torch.no_grad():
+                teacher_logits = teacher_model(input_ids=micro).logits
+            sync = world == 1 or m == config.grad_accum - 1  # all-reduce gradients once per step
+            with model.no_sync() if not sync else contextlib.nullcontext():
+                logits = model(input_ids=micro).logits
+                kd = kd_loss(logits, teacher_logits, config.temperature).mean()
+                lm = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), micro[:, 1:].reshape(-1))
+                loss = config.kd_weight * kd + (1 - config.kd_weight) * lm
+                (loss / config.grad_accum).backward()
+            totals += torch.tensor([float(loss), float(kd), float(lm)], dtype=torch.float64) / config.grad_accum
+        if config.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(student_model.parameters(), config.clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if world > 1:
+            dist.all_reduce(totals)
+            totals /= world
+        tokens_seen += per_step * config.seq_len
+        if rank == 0:
+            record = {"step": step + 1, "lr": lr, "loss": float(totals[0]), "kd": float(totals[1]), "lm": float(totals[2])}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            if step % config.log_every == 0 or step + 1 == config.steps:
+                rate = tokens_seen / max(time.perf_counter() - tick, 1e-9)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
+            if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
+                save_training_state(checkpoints / f"step_{step + 1:07d}", student_model, optimizer, step + 1,
+                                    {"seed": config.seed})
+                student_tokenizer.save_pretrained(checkpoints / f"step_{step + 1:07d}")
+    if log:
+        log.close()
+    if rank == 0:
+        with atomic_directory(out / "model", overwrite=True) as tmp:
+            student_model.save_pretrained(tmp)
+            student_tokenizer.save_pretrained(tmp)
+            _copy_card(Path(student), tmp, config, teacher, data, per_step * config.seq_len * config.steps)
+    if dist.is_initialized():
+        dist.barrier()
+    return {"steps": config.steps, "tokens": per_step * config.seq_len * config.steps, "model": str(out / "model")}
+
+
+def _global_batch(blocks: torch.Tensor, step: int, per_step: int, seed: int) -> torch.Tensor:
+    """Blocks of optimizer step `step`: positions step*per_step ... of an endless, per-epoch reshuffled order."""
+    n = len(blocks)
+    orders: dict[int, torch.Tensor] = {}
+    rows = []
+    for position in range(step * per_step, (step + 1) * per_step):
+        epoch, index = divmod(position, n)
+        if epoch not in orders:
+            orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        rows.append(blocks[orders[epoch][index]])
+    return torch.stack(rows)
+
+
+def _copy_card(student: Path, out: Path, config: DistillConfig, teacher, data: str, tokens: int) -> None:
+    card = (student / "README.md").read_text() if (student / "README.md").exists() else "# Distilled student\n"
+    card += (f"\n## Distillation (megatron_m2d, HF backend)\n- Teacher `{teacher}`, data `{data}` (train split), "
+             f"{tokens:,} tokens, {config.steps} steps, lr {config.lr} -> {config.min_lr} ({config.schedule}).\n"
+             f"- Loss: {config.kd_weight} x forward KL (T = {config.temperature}) + {1 - config.kd_weight:g} x LM"
+             f"; teacher top-k {config.teacher_top_k or 'as trained'}.\n")
+    (out / "README.md").write_text(card)
+    for name in ("m2d_plan.json",):
+        if (student / name).exists():
+            (out / name).write_text((student / name).read_text())
