@@ -1,0 +1,110 @@
+"""The sweep resumes after a kill; the baselines write loadable students of the right shape."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from megatron_m2d.baselines.d2d import d2d
+from megatron_m2d.baselines.random_ffn import random_ffn
+from megatron_m2d.calibration.run import calibrate
+from megatron_m2d.errors import M2DError
+from megatron_m2d.sweep import run as sweep_module
+from megatron_m2d.sweep.run import sweep
+from megatron_m2d.testing.tiny import byte_tokenizer
+
+GRID = dict(scorings=["selection_freq", "gld_reap"], groupings=["round_robin", "output_cluster"],
+            scalings=["uniform", "proportional"], selects=[2, 4])
+
+
+def test_sweep_resumes_after_a_kill(tiny, text_dir, tmp_path, monkeypatch):
+    model = tiny("qwen3_moe")
+    stats = calibrate(model, str(text_dir), tmp_path / "stats", tokens=512, seq_len=64, gram=True, progress=False)
+    common = dict(stats=stats.path, eval_data=str(text_dir), eval_tokens=512, seq_len=64, progress=False, **GRID)
+    reference = {r["key"]: r["ppl"] for r in sweep(model, tmp_path / "whole", **common)}
+    assert len(reference) == 16
+
+    evaluated = []
+    original = sweep_module.stream_perplexity
+
+    def dies_after_five(*args, **kwargs):
+        evaluated.append(1)
+        if len(evaluated) == 6:
+            raise KeyboardInterrupt("killed")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "stream_perplexity", dies_after_five)
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        sweep(model, out, **common)
+    finished = [json.loads(line)["key"] for line in (out / "results.jsonl").read_text().splitlines()]
+    assert 5 <= len(finished) < 16
+    monkeypatch.setattr(sweep_module, "stream_perplexity", original)
+    resumed = sweep(model, out, **common)
+    keys = [json.loads(line)["key"] for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(keys) == sorted(reference) and len(keys) == 16  # nothing lost, nothing evaluated twice
+    for row in resumed:
+        assert row["ppl"] == pytest.approx(reference[row["key"]], rel=1e-6)
+    # K = k: the groupings are one configuration; they are evaluated once and marked
+    twins = [r for r in resumed if r["select"] == 2 and r["grouping"] == "output_cluster"]
+    assert twins and all(r.get("same_as") for r in twins)
+    for name in ("results.csv", "results.md", "ppl_by_scoring.png", "ppl_by_grouping.png"):
+        assert (out / name).stat().st_size > 100
+
+
+def test_random_ffn_keeps_teacher_attention(tiny, tmp_path):
+    teacher = tiny("qwen2_moe")
+    out = random_ffn(teacher, tmp_path / "rand", seed=3, progress=False)
+    student = AutoModelForCausalLM.from_pretrained(out)
+    moe = AutoModelForCausalLM.from_pretrained(teacher)
+    assert type(student).__name__ == "Qwen2ForCausalLM"
+    assert torch.equal(student.model.layers[0].self_attn.q_proj.weight, moe.model.layers[0].self_attn.q_proj.weight)
+    width = 2 * 32 + 48  # k experts + the shared expert
+    ffn = student.model.layers[0].mlp.gate_proj.weight
+    assert ffn.shape[0] == width and abs(float(ffn.detach().std()) - 0.02) < 0.004
+    again = AutoModelForCausalLM.from_pretrained(random_ffn(teacher, tmp_path / "again", seed=3, progress=False))
+    assert torch.equal(again.model.layers[1].mlp.down_proj.weight, student.model.layers[1].mlp.down_proj.weight)
+
+
+def dense_teacher(path):
+    config = AutoConfig.for_model("qwen3", vocab_size=259, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=16, eos_token_id=256)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_d2d_keeps_the_most_active_neurons(tmp_path, text_dir):
+    teacher = dense_teacher(tmp_path / "dense")
+    out = d2d(teacher, str(text_dir), tmp_path / "pruned", width=16, tokens=512, seq_len=64, progress=False)
+    record = json.loads((out / "m2d_d2d.json").read_text())
+    pruned = AutoModelForCausalLM.from_pretrained(out)
+    full = AutoModelForCausalLM.from_pretrained(teacher)
+    assert pruned.config.intermediate_size == 16
+    # brute force: activation importance from the full model's own forward on the same tokens
+    from megatron_m2d.data.text import token_blocks
+    blocks = token_blocks(byte_tokenizer(), str(text_dir), 512, 64)
+    sums = {}
+    hooks = [layer.mlp.down_proj.register_forward_pre_hook(
+        lambda m, a, i=i: sums.__setitem__(i, sums.get(i, 0) + a[0].abs().reshape(-1, 48).sum(0)))
+        for i, layer in enumerate(full.model.layers)]
+    with torch.no_grad():
+        full(input_ids=blocks)
+    for h in hooks:
+        h.remove()
+    for layer in range(2):
+        expected = sorted(torch.topk(sums[layer], 16).indices.tolist())
+        assert record["kept"][str(layer)] == expected
+        assert torch.equal(pruned.model.layers[layer].mlp.down_proj.weight,
+                           full.model.layers[layer].mlp.down_proj.weight[:, expected])
+
+
+def test_d2d_refuses_moe_and_bad_width(tiny, tmp_path, text_dir):
+    with pytest.raises(M2DError, match="use `m2d densify`"):
+        d2d(tiny("qwen3_moe"), str(text_dir), tmp_path / "x", width=8, progress=False)
+    with pytest.raises(M2DError, match="--width"):
+        d2d(dense_teacher(tmp_path / "dense"), str(text_dir), tmp_path / "y", width=99, progress=False)
