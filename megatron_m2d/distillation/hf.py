@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
 from megatron_m2d.data.text import token_blocks
 from megatron_m2d.distillation.state import (SCHEDULES, latest_checkpoint, learning_rate, load_training_state,
@@ -108,7 +109,8 @@ def distill(teacher: str | Path, student: str | Path, data: str, out: str | Path
     for p in teacher_model.parameters():
         p.requires_grad_(False)
     resume_from = latest_checkpoint(checkpoints)
-    student_model, student_tokenizer = load_model(resume_from or student, device, torch.float32)
+    student_model, _ = load_model(resume_from or student, device, torch.float32)
+    student_tokenizer = AutoTokenizer.from_pretrained(student)
     if len(student_tokenizer) != len(tokenizer) or student_model.config.vocab_size != teacher_model.config.vocab_size:
         raise M2DError("teacher and student have different vocabularies")
     student_model.train()
@@ -149,7 +151,7 @@ def distill(teacher: str | Path, student: str | Path, data: str, out: str | Path
                 lm = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), micro[:, 1:].reshape(-1))
                 loss = config.kd_weight * kd + (1 - config.kd_weight) * lm
                 (loss / config.grad_accum).backward()
-            totals += torch.tensor([float(loss), float(kd), float(lm)], dtype=torch.float64) / config.grad_accum
+            totals += torch.tensor([loss.item(), kd.item(), lm.item()], dtype=torch.float64) / config.grad_accum
         if config.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(student_model.parameters(), config.clip_grad)
         optimizer.step()
@@ -167,8 +169,7 @@ def distill(teacher: str | Path, student: str | Path, data: str, out: str | Path
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
             if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
                 save_training_state(checkpoints / f"step_{step + 1:07d}", student_model, optimizer, step + 1,
-                                    {"seed": config.seed})
-                student_tokenizer.save_pretrained(checkpoints / f"step_{step + 1:07d}")
+                                    {"seed": config.seed}, student_tokenizer)
     if log:
         log.close()
     if rank == 0:

@@ -40,12 +40,15 @@ def learning_rate(step: int, total: int, peak: float, minimum: float, schedule: 
     raise M2DError(f"unknown schedule {schedule!r} (choose from {', '.join(SCHEDULES)})")
 
 
-def save_training_state(directory: Path, model, optimizer: torch.optim.Optimizer, step: int, extra: dict) -> None:
-    """Write `directory` atomically: the student (HF format), AdamW state and `step`."""
+def save_training_state(directory: Path, model, optimizer: torch.optim.Optimizer, step: int, extra: dict,
+                        tokenizer=None) -> None:
+    """Write `directory` atomically: the student (HF format, with its tokenizer), AdamW state and `step`."""
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
     tensors, scalars = {}, {}
     for index, state in optimizer.state_dict()["state"].items():
         for name, value in state.items():
