@@ -127,9 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", default="wsd", choices=["wsd", "cosine", "constant"])
     p.add_argument("--device", default="auto")
 
-    p = commands.add_parser("demo", help="the whole offline path on the embedded default model (CPU, ~1 min)")
+    p = commands.add_parser("demo", help="the whole path on the committed fixture MoE (CPU, a few minutes)")
     p.add_argument("--out", default="m2d-demo")
-    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--quick", action="store_true", help="tiny token counts: checks the path, not the methods")
     p.add_argument("--overwrite", action="store_true")
     return parser
 
@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "demo":
         from megatron_m2d.demo import run_demo
 
-        run_demo(args.out, tokens=args.tokens, overwrite=args.overwrite)
+        run_demo(args.out, quick=args.quick, overwrite=args.overwrite)
 
 
 def _list(text: str) -> list[str]:

@@ -1,9 +1,9 @@
-"""`m2d demo`: the whole offline path on the embedded default, on CPU, in about a minute.
+"""`m2d demo`: the whole small-scale path on the committed fixture, on CPU, in a few minutes.
 
-Embedded default (until the trained fixture MoE lands): a small Qwen3-MoE with RANDOM weights (4 layers,
-16 experts, top-2) built locally from a config, with a byte-level tokenizer. Calibration text is the bundled
-Macbeth, held-out text the bundled Julius Caesar. With random weights the scorings cannot differ much in
-quality; the demo shows the pipeline working end to end and prints whatever numbers come out.
+calibrate the fixture MoE on Macbeth -> a small sweep -> densify DO-ACP, SF and random selection, and build the
+D2D (from the fixture's dense sibling) and random-FFN baselines -> distil each from the MoE on equal tokens ->
+held-out perplexity on Julius Caesar before and after -> one table, plots. Whatever ordering comes out is what
+the table shows.
 """
 
 from __future__ import annotations
@@ -12,57 +12,94 @@ import csv
 import time
 from pathlib import Path
 
+from megatron_m2d.baselines.d2d import d2d
+from megatron_m2d.baselines.random_ffn import random_ffn
 from megatron_m2d.calibration.run import calibrate
 from megatron_m2d.densification.run import densify
+from megatron_m2d.distillation.hf import DistillConfig, distill
 from megatron_m2d.evaluation.perplexity import perplexity_of_dir
+from megatron_m2d.io.checkpoint import Checkpoint
+from megatron_m2d.io.plots import figure, log_ppl_axis
 from megatron_m2d.io.writer import check_output_path
-from megatron_m2d.testing.tiny import build_tiny_moe
+from megatron_m2d.sweep.run import sweep
 
 ASSETS = Path(__file__).parent / "assets"
+FIXTURE_MOE = ASSETS / "fixture-moe"
+FIXTURE_DENSE = ASSETS / "fixture-dense"
 CALIBRATION_TEXT = ASSETS / "macbeth.txt"
 HELD_OUT_TEXT = ASSETS / "julius_caesar.txt"
 
-# (label, densify keyword arguments): pure pruning with each scoring, and one merged configuration.
-DEMO_METHODS = [
-    ("selection_freq K=2", dict(scoring="selection_freq")),
-    ("conditional_prob K=2", dict(scoring="conditional_prob")),
-    ("reap K=2", dict(scoring="reap")),
-    ("gram_logdet K=2", dict(scoring="gram_logdet")),
-    ("gld_reap K=2 (DO-ACP)", dict(scoring="gld_reap")),
-    ("random K=2", dict(scoring="random")),
-    ("gld_reap K=4 round_robin proportional", dict(scoring="gld_reap", select=4, grouping="round_robin",
-                                                   scaling="proportional")),
-]
+FULL = dict(tokens=32768, seq_len=256, eval_tokens=16384, steps=40, micro_batch=8,
+            sweep=dict(scorings=["selection_freq", "conditional_prob", "reap", "gram_logdet", "gld_reap", "random"],
+                       groupings=["round_robin", "output_cluster"], scalings=["uniform"], selects=[2, 4]))
+QUICK = dict(tokens=2048, seq_len=128, eval_tokens=2048, steps=2, micro_batch=2,
+             sweep=dict(scorings=["selection_freq", "gld_reap"], groupings=["round_robin"], scalings=["uniform"],
+                        selects=[2]))
 
 
-def build_default_teacher(path: Path) -> Path:
-    return build_tiny_moe(path, "qwen3_moe", seed=0, layers=4, hidden=128, num_experts=16,
-                          num_experts_per_tok=2, moe_intermediate_size=64, head_dim=32)
+def students(out: Path, stats: Path, width: int, s: dict) -> dict[str, Path]:
+    """The dense students of the table, before distillation."""
+    made = {}
+    for label, scoring in (("DO-ACP (gld_reap)", "gld_reap"), ("SF (selection_freq)", "selection_freq"),
+                           ("random selection", "random")):
+        made[label] = densify(FIXTURE_MOE, out / f"student-{scoring}", scoring, stats=stats, overwrite=True,
+                              progress=False).path
+    made["D2D (dense sibling, pruned)"] = d2d(FIXTURE_DENSE, "fixture", out / "student-d2d", width=width,
+                                              tokens=s["tokens"], seq_len=s["seq_len"], overwrite=True,
+                                              progress=False)
+    made["random FFN"] = random_ffn(FIXTURE_MOE, out / "student-random-ffn", overwrite=True, progress=False)
+    return made
 
 
-def run_demo(out: str | Path = "m2d-demo", tokens: int = 16384, eval_tokens: int = 16384, seq_len: int = 128,
-             overwrite: bool = False, methods=None) -> list[dict]:
+def run_demo(out: str | Path = "m2d-demo", quick: bool = False, overwrite: bool = False) -> list[dict]:
+    s = QUICK if quick else FULL
     out = Path(out)
     if out.exists():
         check_output_path(out, overwrite)
     out.mkdir(exist_ok=True)
     started = time.perf_counter()
-    teacher = build_default_teacher(out / "teacher")
+    ppl = lambda model: perplexity_of_dir(model, "fixture", seq_len=s["seq_len"], max_tokens=s["eval_tokens"])["ppl"]
+
+    print("1/5 calibrate the fixture MoE on Macbeth")
     stats = out / "stats"
-    calibrate(teacher, str(CALIBRATION_TEXT), stats, tokens=tokens, seq_len=seq_len, gram=True, overwrite=True)
-    ppl = lambda model: perplexity_of_dir(model, str(HELD_OUT_TEXT), seq_len=seq_len, max_tokens=eval_tokens)
-    rows = [{"model": "teacher (MoE)", "ppl": ppl(teacher)["ppl"]}]
-    for label, options in methods or DEMO_METHODS:
-        student = out / ("dense-" + label.split()[0] + "-" + "-".join(label.split()[1:]).replace("=", "").lower())
-        densify(teacher, student, stats=stats, overwrite=True, progress=False, **options)
-        rows.append({"model": label, "ppl": ppl(student)["ppl"]})
+    calibrate(FIXTURE_MOE, "fixture", stats, tokens=s["tokens"], seq_len=s["seq_len"], gram=True, overwrite=True)
+    print("2/5 sweep a small method grid (perplexity before distillation)")
+    sweep(FIXTURE_MOE, out / "sweep", stats=stats, eval_data="fixture", eval_tokens=s["eval_tokens"],
+          seq_len=s["seq_len"], **s["sweep"])
+    print("3/5 densify the students and build the baselines")
+    config = Checkpoint(FIXTURE_MOE).config
+    made = students(out, stats, config.num_experts_per_tok * config.moe_intermediate_size, s)
+    print(f"4/5 distil each student from the MoE on equal tokens ({s['steps']} steps)")
+    train = DistillConfig(steps=s["steps"], seq_len=s["seq_len"], micro_batch=s["micro_batch"], lr=1e-3,
+                          min_lr=1e-4, warmup=max(1, s["steps"] // 10), train_tokens=200_000, save_every=10**9)
+    rows = [{"model": "teacher (MoE)", "before": ppl(FIXTURE_MOE), "after": None}]
+    for label, path in made.items():
+        result = distill(FIXTURE_MOE, path, "fixture", out / f"distill-{path.name}", train, device="cpu",
+                         progress=False)
+        rows.append({"model": label, "before": ppl(path), "after": ppl(result["model"])})
+    tokens = s["steps"] * s["micro_batch"] * s["seq_len"]
+    print("5/5 evaluate on held-out Julius Caesar")
     with (out / "demo.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["model", "ppl"])
+        writer = csv.DictWriter(handle, fieldnames=["model", "before", "after"])
         writer.writeheader()
         writer.writerows(rows)
-    print(f"\nheld-out perplexity on {HELD_OUT_TEXT.name} ({eval_tokens} tokens, windows of {seq_len}):")
-    print(f"{'model':<42} {'ppl':>10}")
+    plot(out / "demo.png", rows, tokens)
+    print(f"\nheld-out perplexity on Julius Caesar ({s['eval_tokens']} tokens, windows of {s['seq_len']}); "
+          f"distillation: {tokens:,} tokens each")
+    print(f"{'model':<30} {'before':>10} {'after':>10}")
     for row in rows:
-        print(f"{row['model']:<42} {row['ppl']:>10.2f}")
-    print(f"done in {time.perf_counter() - started:.0f} s; outputs in {out}/")
+        after = f"{row['after']:.2f}" if row["after"] is not None else "-"
+        print(f"{row['model']:<30} {row['before']:>10.2f} {after:>10}")
+    print(f"done in {time.perf_counter() - started:.0f} s; table, sweep and plots in {out}/")
     return rows
+
+
+def plot(path: Path, rows: list[dict], tokens: int) -> None:
+    students_ = rows[1:]
+    with figure(path, (8, 4.5)) as (fig, ax):
+        xs = range(len(students_))
+        ax.bar([x - 0.2 for x in xs], [r["before"] for r in students_], 0.4, label="before distillation")
+        ax.bar([x + 0.2 for x in xs], [r["after"] for r in students_], 0.4, label=f"after ({tokens:,} tokens)")
+        ax.axhline(rows[0]["before"], color="black", linestyle="--", linewidth=1, label="teacher (MoE)")
+        ax.set_xticks(list(xs), [r["model"] for r in students_], rotation=15, fontsize=8)
+        log_ppl_axis(ax)

@@ -52,3 +52,25 @@ def test_too_little_text_for_one_block(tmp_path):
     (tmp_path / "a.txt").write_text("tiny")
     with pytest.raises(M2DError, match="fewer than one block"):
         token_blocks(byte_tokenizer(), str(tmp_path), 100, 64)
+
+
+def test_named_sources_keep_roles_apart():
+    from megatron_m2d.data.text import NAMED_SOURCES, _hash_role, resolve
+
+    fixture = {role: resolve("fixture", role)[0] for role in ("train", "calibration", "eval")}
+    assert len(set(fixture.values())) == 3
+    assert resolve("wikitext2", "eval") == ("wikitext:wikitext-2-raw-v1", "test")
+    assert resolve("wikitext2", "calibration")[1] != resolve("wikitext2", "train")[1]
+    # FineWeb-Edu has one split: every document goes to exactly one role, stably, about 90/5/5
+    docs = [f"document {i} about something" for i in range(4000)]
+    roles = [_hash_role(d) for d in docs]
+    assert roles == [_hash_role(d) for d in docs]
+    share = {r: roles.count(r) / len(roles) for r in ("train", "calibration", "eval")}
+    assert 0.86 < share["train"] < 0.94 and 0.03 < share["eval"] < 0.07
+    assert set(NAMED_SOURCES["fineweb-edu"]) == {"train", "calibration", "eval"}
+
+
+def test_fixture_source_reads_the_bundled_plays():
+    assert "MACBETH" in read_documents("fixture", role="calibration")[0][:200]
+    assert "JULIUS CAESAR" in read_documents("fixture", role="eval")[0][:400].upper()
+    assert len(read_documents("fixture", role="train")) == 3

@@ -68,7 +68,15 @@ def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def build_model(p: dict, tokenizer) -> torch.nn.Module:
+def build_model(p: dict, tokenizer, dense_width: int | None = None) -> torch.nn.Module:
+    """The MoE, or with `dense_width` its dense sibling (same attention, one FFN of that width) for D2D."""
+    if dense_width:
+        config = AutoConfig.for_model(
+            "qwen3", vocab_size=len(tokenizer), hidden_size=p["hidden"], num_hidden_layers=p["layers"],
+            num_attention_heads=p["heads"], num_key_value_heads=p["kv_heads"], head_dim=p["hidden"] // p["heads"],
+            intermediate_size=dense_width, tie_word_embeddings=True, max_position_embeddings=p["seq_len"] * 4,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     config = AutoConfig.for_model(
         "qwen3_moe", vocab_size=len(tokenizer), hidden_size=p["hidden"], num_hidden_layers=p["layers"],
         num_attention_heads=p["heads"], num_key_value_heads=p["kv_heads"], head_dim=p["hidden"] // p["heads"],
@@ -113,6 +121,8 @@ def main() -> None:
     parser.add_argument("--pydoc", type=Path, required=True, help="dir with Python docs *.rst.txt")
     parser.add_argument("--preset", default="cpu", choices=list(PRESETS))
     parser.add_argument("--tokens", type=int, help="training tokens (default: the preset's)")
+    parser.add_argument("--dense-width", type=int,
+                        help="train the dense sibling (Qwen3, this FFN width) instead: the D2D baseline's teacher")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
@@ -129,7 +139,7 @@ def main() -> None:
     blocks = stream[: len(stream) // p["seq_len"] * p["seq_len"]].view(-1, p["seq_len"])
     held_out = token_stream(tokenizer, [(ASSETS / "julius_caesar.txt").read_text()])
     eval_blocks = held_out[: len(held_out) // p["seq_len"] * p["seq_len"]].view(-1, p["seq_len"])[:64]
-    model = build_model(p, tokenizer).to(args.device)
+    model = build_model(p, tokenizer, args.dense_width).to(args.device)
     steps = max(1, p["tokens"] // (p["batch"] * p["seq_len"]))
     warmup = max(1, steps // 20)
     optimizer = torch.optim.AdamW(model.parameters(), lr=p["lr"], betas=(0.9, 0.95), weight_decay=0.1)
@@ -148,26 +158,28 @@ def main() -> None:
         batch = blocks[order[position:position + p["batch"]]].to(args.device)
         position += p["batch"]
         out = model(input_ids=batch, labels=batch)
-        out.loss.backward()  # includes router_aux_loss_coef x the load-balancing loss
+        out.loss.backward()  # the MoE's includes router_aux_loss_coef x the load-balancing loss
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         if step % 20 == 0:
-            bar.set_postfix(loss=f"{out.loss.item():.3f}", aux=f"{out.aux_loss.item():.3f}")
+            aux = getattr(out, "aux_loss", None)
+            bar.set_postfix(loss=f"{out.loss.item():.3f}", aux=f"{aux.item():.3f}" if aux is not None else "-")
     minutes = (time.perf_counter() - started) / 60
     model = model.cpu().eval()
     ppl = evaluate(model, eval_blocks, 16)
-    routing = routing_report(model, eval_blocks[:16])
+    routing = [] if args.dense_width else routing_report(model, eval_blocks[:16])
     uniform = len(tokenizer)
     model.config.output_router_logits = False
     model.to(torch.bfloat16).save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
     card = {"preset": args.preset, "seed": args.seed, "training_tokens": steps * p["batch"] * p["seq_len"],
             "corpus_tokens": len(stream), "documents": len(texts), "minutes": round(minutes, 1),
-            "held_out_ppl": round(ppl, 2), "uniform_ppl": uniform, "routing": routing, **p}
+            "held_out_ppl": round(ppl, 2), "uniform_ppl": uniform, "routing": routing,
+            "dense_width": args.dense_width, **p}
     (args.out / "training.json").write_text(json.dumps(card, indent=1) + "\n")
-    (args.out / "README.md").write_text(model_card(card))
+    (args.out / "README.md").write_text(dense_card(card) if args.dense_width else model_card(card))
     print(f"held-out ppl {ppl:.2f} (uniform model: {uniform}) after {minutes:.1f} min -> {args.out}")
 
 
@@ -196,6 +208,20 @@ Entropy of expert selection normalised to [0, 1]; utilisation = share of routed 
 | layer | entropy | min utilisation | max utilisation |
 |---|---|---|---|
 {rows}
+"""
+
+
+def dense_card(c: dict) -> str:
+    return f"""---
+library_name: transformers
+tags: [megatron_m2d, fixture, dense]
+---
+# megatron_m2d fixture dense model ({c['preset']} preset): the D2D baseline's teacher
+
+The dense sibling of the fixture MoE, trained by `tools/train_fixture_moe.py --dense-width {c['dense_width']}`
+(seed {c['seed']}) in {c['minutes']} minutes on the same data and tokenizer: a Qwen3 with the MoE's attention
+({c['layers']} layers, hidden {c['hidden']}) and one FFN of width {c['dense_width']}, weights in bf16.
+{c['training_tokens']:,} training tokens. Held-out perplexity on *Julius Caesar*: **{c['held_out_ppl']}**.
 """
 
 

@@ -9,6 +9,7 @@ import torch
 
 from megatron_m2d.calibration.store import LayerStats, Statistics
 from megatron_m2d.errors import M2DError
+from megatron_m2d.io.plots import figure
 
 PER_EXPERT = ("selection_freq", "preselect_prob", "postselect_prob", "conditional_prob", "reap")
 
@@ -47,24 +48,16 @@ def format_table(rows: list[dict]) -> str:
 def plot_scores(stats: Statistics, path: str | Path, score: str = "selection_freq") -> Path:
     if score not in PER_EXPERT:
         raise M2DError(f"cannot plot {score!r}; choose from {', '.join(PER_EXPERT)}")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     matrix = torch.stack([getattr(stats.layer(i), score) for i in stats.moe_layers]).float().numpy()
     height = max(2.5, 0.3 * len(stats.moe_layers) + 1.5)
-    fig, ax = plt.subplots(figsize=(min(16, 4 + 0.12 * matrix.shape[1]), height))
-    image = ax.imshow(matrix, aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set_xlabel("expert")
-    ax.set_ylabel("MoE layer")
-    ax.set_yticks(range(len(stats.moe_layers)), [str(i) for i in stats.moe_layers])
-    ax.set_title(f"{score} per expert ({stats.meta.get('model_type')}, {stats.meta.get('tokens')} tokens)")
-    fig.colorbar(image, ax=ax, label=score)
-    fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, (min(16, 4 + 0.12 * matrix.shape[1]), height)) as (fig, ax):
+        image = ax.imshow(matrix, aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_xlabel("expert")
+        ax.set_ylabel("MoE layer")
+        ax.set_yticks(range(len(stats.moe_layers)), [str(i) for i in stats.moe_layers])
+        ax.set_title(f"{score} per expert ({stats.meta.get('model_type')}, {stats.meta.get('tokens')} tokens)")
+        fig.colorbar(image, ax=ax, label=score)
     return path
 
 

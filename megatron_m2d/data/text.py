@@ -49,8 +49,10 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # Named sources. Roles are calibration, train and eval; named sources keep them apart, so calibration, training
 # and evaluation text never overlap. Each value: role -> (local path or HF dataset "name:config", HF split).
 NAMED_SOURCES = {
-    # the fixture's own split: Macbeth calibrates, Julius Caesar evaluates; neither was in its training text
-    "fixture": {"calibration": (str(ASSETS / "macbeth.txt"), None), "eval": (str(ASSETS / "julius_caesar.txt"), None)},
+    # the fixture's own split: Macbeth calibrates, Julius Caesar evaluates (neither was in the fixture's training
+    # text); three plays it was trained on are the distillation text
+    "fixture": {"calibration": (str(ASSETS / "macbeth.txt"), None), "eval": (str(ASSETS / "julius_caesar.txt"), None),
+                "train": (str(ASSETS / "fixture-train"), None)},
     "wikitext2": {role: ("wikitext:wikitext-2-raw-v1", split) for role, split in
                   (("train", "train"), ("calibration", "validation"), ("eval", "test"))},
     "wikitext103": {role: ("wikitext:wikitext-103-raw-v1", split) for role, split in

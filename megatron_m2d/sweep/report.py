@@ -7,6 +7,8 @@ import statistics as stats_
 from collections import defaultdict
 from pathlib import Path
 
+from megatron_m2d.io.plots import figure, log_ppl_axis
+
 COLUMNS = ["scoring", "grouping", "scaling", "select", "groups", "ppl", "nll", "seconds", "same_as"]
 
 
@@ -50,41 +52,26 @@ def markdown(rows: list[dict], teacher_ppl: float, seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_by_scoring(path: Path, rows: list[dict], teacher_ppl: float) -> None:
-    plt = _pyplot()
     best = best_by(rows, "scoring", "select")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for scoring in sorted({r["scoring"] for r in rows}):
-        points = sorted((k, row["ppl"]) for (s, k), row in best.items() if s == scoring)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=scoring)
-    ax.axhline(teacher_ppl, color="black", linestyle="--", linewidth=1, label="teacher (MoE)")
-    ax.set_xlabel("K (experts kept per layer)")
-    ax.set_ylabel("held-out perplexity (best over groupings, scalings)")
-    ax.set_yscale("log")
-    ax.set_title("Perplexity by scoring and K, before distillation")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path) as (fig, ax):
+        for scoring in sorted({r["scoring"] for r in rows}):
+            points = sorted((k, row["ppl"]) for (s, k), row in best.items() if s == scoring)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=scoring)
+        ax.axhline(teacher_ppl, color="black", linestyle="--", linewidth=1, label="teacher (MoE)")
+        ax.set_xlabel("K (experts kept per layer)")
+        ax.set_title("Perplexity by scoring and K, before distillation")
+        log_ppl_axis(ax, "held-out perplexity (best over groupings, scalings)")
 
 
 def plot_by_grouping(path: Path, rows: list[dict]) -> None:
     """Median over scorings and scalings of the perplexity of each grouping, per K > k (where groupings act)."""
-    plt = _pyplot()
     merged = [r for r in rows if r["select"] > r["groups"]]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    if not merged:
-        ax.text(0.5, 0.5, "no configuration with K > k: groupings do not act", ha="center", va="center")
-    else:
+    with figure(path) as (fig, ax):
+        ax.set_title("Perplexity by grouping (K > k)")
+        if not merged:
+            ax.text(0.5, 0.5, "no configuration with K > k: groupings do not act", ha="center", va="center")
+            return
         values: dict[tuple, list[float]] = defaultdict(list)
         for r in merged:
             values[(r["grouping"], r["select"])].append(r["ppl"])
@@ -96,10 +83,4 @@ def plot_by_grouping(path: Path, rows: list[dict]) -> None:
             ax.bar(xs, [stats_.median(values.get((grouping, k), [float("nan")])) for k in selects], width,
                    label=grouping)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(selects))], [f"K={k}" for k in selects])
-        ax.set_ylabel("median perplexity over scorings and scalings")
-        ax.set_yscale("log")
-        ax.legend(fontsize=8)
-    ax.set_title("Perplexity by grouping (K > k)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        log_ppl_axis(ax, "median perplexity over scorings and scalings")
