@@ -100,7 +100,7 @@ def evaluate(model, blocks: torch.Tensor, batch: int) -> float:
 
 
 def routing_report(model, blocks: torch.Tensor) -> list[dict]:
-    """Per layer: normalised entropy of expert selection and the share of tokens each expert receives."""
+    """Per layer: normalised entropy of expert selection and each expert's share of routed slots x E."""
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=blocks, output_router_logits=True).router_logits
@@ -111,7 +111,7 @@ def routing_report(model, blocks: torch.Tensor) -> list[dict]:
         share = counts / counts.sum()
         entropy = float(-(share[share > 0] * share[share > 0].log()).sum() / math.log(E))
         report.append({"layer": layer, "entropy": round(entropy, 3),
-                       "utilisation": [round(float(s) * k, 3) for s in share]})
+                       "utilisation": [round(float(s) * E, 3) for s in share]})
     return report
 
 
@@ -203,7 +203,8 @@ A Qwen3-MoE trained from scratch by `tools/train_fixture_moe.py` (seed {c['seed'
 - Calibration text for the demo: *Macbeth* (never trained on either).
 
 ## Routing on held-out text
-Entropy of expert selection normalised to [0, 1]; utilisation = share of routed slots x top-k (1.0 = even).
+Entropy of expert selection normalised to [0, 1]; utilisation = an expert's share of routed slots x number of
+experts (1.0 = perfectly even).
 
 | layer | entropy | min utilisation | max utilisation |
 |---|---|---|---|
