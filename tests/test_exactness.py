@@ -75,6 +75,16 @@ def test_all_experts_active_constant_router_is_exact(family, tiny, text_dir, tmp
     assert torch.allclose(got, expected, atol=ATOL, rtol=0), (got - expected).abs().max()
 
 
+def test_tied_embeddings_are_exact(tiny, text_dir, tmp_path):
+    """Tied input/output embeddings (the fixture, many small models): the head is not stored twice."""
+    teacher = tiny("qwen3_moe", edit=identical_experts, tie_word_embeddings=True)
+    student = densify(teacher, tmp_path / "dense", "reap", data=str(text_dir), progress=False,
+                      calibration=dict(tokens=512, seq_len=64)).path
+    assert load_report(student) == {}
+    ids = torch.randint(0, 259, (2, 24), generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(logits(student, ids), logits(teacher, ids), atol=ATOL, rtol=0)
+
+
 def test_pruning_changes_logits(tiny, text_dir, tmp_path):
     """The exactness tests above could pass vacuously if the FFN did not matter: with distinct experts and K < E
     the dense model must differ from the teacher."""
