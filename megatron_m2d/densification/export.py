@@ -6,6 +6,7 @@ its plan. Only the kept experts of one layer are ever in memory.
 
 from __future__ import annotations
 
+import fnmatch
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -21,8 +22,8 @@ from megatron_m2d.families.base import LAYERS, ExpertWeights, Family
 from megatron_m2d.io.checkpoint import Checkpoint
 from megatron_m2d.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
-SKIPPED_FILES = ("config.json", "README.md", "m2d_plan.json")
+SIDE_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model",
+              "*.tiktoken", "chat_template*", "generation_config.json", "preprocessor_config.json")
 
 
 def dense_width(family: Family, config, groups: int) -> tuple[str, int]:
@@ -158,10 +159,9 @@ def _disk_layout(in_memory: dict[str, tuple], family: Family, layout: str) -> di
 
 
 def _copy_side_files(source: Path, out: Path) -> None:
-    """Tokenizer files, generation config, chat templates: everything but weights, config and model card."""
+    """What a runtime needs beside the weights: tokenizer files, chat templates, generation config. An
+    allowlist, so the teacher's own records (its model card, training logs) are never passed off as the
+    student's."""
     for path in source.iterdir():
-        if not path.is_file() or path.name in WEIGHT_FILES + SKIPPED_FILES or path.suffix == ".safetensors":
-            continue
-        if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
-            continue
-        shutil.copy2(path, out / path.name)
+        if path.is_file() and any(fnmatch.fnmatch(path.name, pattern) for pattern in SIDE_FILES):
+            shutil.copy2(path, out / path.name)

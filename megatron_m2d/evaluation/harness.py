@@ -20,6 +20,7 @@ def run_tasks(model_dir, tasks: list[str], include_path: str | None = None, limi
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise M2DError("lm-eval is not installed: pip install 'megatron_m2d[eval]'") from None
+    include_path = str(Path(include_path).resolve()) if include_path else None
     manager = TaskManager(include_path=include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
