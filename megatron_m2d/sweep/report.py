@@ -59,6 +59,7 @@ def plot_by_scoring(path: Path, rows: list[dict], teacher_ppl: float) -> None:
             points = sorted((k, row["ppl"]) for (s, k), row in best.items() if s == scoring)
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=scoring)
         ax.axhline(teacher_ppl, color="black", linestyle="--", linewidth=1, label="teacher (MoE)")
+        ax.set_xticks(sorted({r["select"] for r in rows}))
         ax.set_xlabel("K (experts kept per layer)")
         ax.set_title("Perplexity by scoring and K, before distillation")
         log_ppl_axis(ax, "held-out perplexity (best over groupings, scalings)")
