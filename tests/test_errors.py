@@ -44,22 +44,17 @@ def densify_args(model, out, *extra):
     return ["densify", "--model", model, "--scoring", "reap", "--out", out, *extra]
 
 
-def test_not_a_moe_model(capsys, tmp_path, text_dir):
-    dense = tmp_path / "dense"
-    config = AutoConfig.for_model("qwen3", vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                  num_attention_heads=2, num_key_value_heads=1, head_dim=16)
-    AutoModelForCausalLM.from_config(config).save_pretrained(dense)
-    out = tmp_path / "out"
-    assert_clean_failure(*run_cli(capsys, *densify_args(dense, out, "--data", text_dir)), out, "not a MoE model")
-
-
-def test_unknown_family(capsys, tmp_path, text_dir):
-    model = tmp_path / "phimoe"
-    config = AutoConfig.for_model("phimoe", vocab_size=259, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
-                                  num_attention_heads=2, num_key_value_heads=1, num_local_experts=4)
+@pytest.mark.parametrize("model_type,fields,message", [
+    ("qwen3", dict(intermediate_size=64, head_dim=16), "not a MoE model"),
+    ("phimoe", dict(intermediate_size=32, num_local_experts=4), "unknown MoE family"),
+])
+def test_not_a_supported_moe(capsys, tmp_path, text_dir, model_type, fields, message):
+    model = tmp_path / model_type
+    config = AutoConfig.for_model(model_type, vocab_size=259, hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, **fields)
     AutoModelForCausalLM.from_config(config).save_pretrained(model)
     out = tmp_path / "out"
-    assert_clean_failure(*run_cli(capsys, *densify_args(model, out, "--data", text_dir)), out, "unknown MoE family")
+    assert_clean_failure(*run_cli(capsys, *densify_args(model, out, "--data", text_dir)), out, message)
 
 
 @pytest.mark.parametrize("flags,message", [
