@@ -53,6 +53,9 @@ def test_sweep_resumes_after_a_kill(tiny, text_dir, tmp_path, monkeypatch):
     assert twins and all(r.get("same_as") for r in twins)
     for name in ("results.csv", "results.md", "ppl_by_scoring.png", "ppl_by_grouping.png"):
         assert (out / name).stat().st_size > 100
+    # continuing with other evaluation settings would mix incomparable numbers: refused
+    with pytest.raises(M2DError, match="other settings"):
+        sweep(model, out, **{**common, "eval_tokens": 256})
 
 
 def test_random_ffn_keeps_teacher_attention(tiny, tmp_path):

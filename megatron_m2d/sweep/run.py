@@ -108,11 +108,15 @@ def sweep(model: str | Path, out: str | Path, scorings=tuple(SCORINGS), grouping
         stats = stats_dir
     statistics = Statistics(stats)
     statistics.check_matches(model_fingerprint(ckpt, family), model)
+    settings = {"model": str(Path(model).resolve()), "stats": str(Path(stats).resolve()), "eval_data": eval_data,
+                "eval_tokens": eval_tokens, "seq_len": seq_len, "groups": groups, "kernel": vars(kernel),
+                "seed": seed}
+    previous = out / "sweep.json"
+    if previous.exists() and json.loads(previous.read_text()).get("settings") != settings:
+        raise M2DError(f"{out} holds a sweep made with other settings (model, statistics, evaluation, k, "
+                       "kernel or seed); continue it with the same ones, or use another --out")
+    previous.write_text(json.dumps({"settings": settings, "configurations": len(configs)}, indent=1) + "\n")
     done = load_results(out)
-    (out / "sweep.json").write_text(json.dumps({
-        "model": str(Path(model).resolve()), "stats": str(Path(stats).resolve()), "eval_data": eval_data,
-        "eval_tokens": eval_tokens, "seq_len": seq_len, "groups": groups, "kernel": vars(kernel),
-        "configurations": len(configs)}, indent=1) + "\n")
 
     layout, _ = dense_width(family, ckpt.config, groups)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
