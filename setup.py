@@ -20,8 +20,8 @@ setup(
         # The Megatron path (conversion, distillation at scale). The offline tool never imports these.
         "megatron": ["megatron-core>=0.16.1", "nvidia-modelopt>=0.47", "requests"],
         "eval": ["lm-eval>=0.4", "datasets", "accelerate"],
-        # the tests exercise the lm-eval integration too
-        "dev": ["pytest>=8", "pytest-timeout", "lm-eval>=0.4", "datasets", "accelerate"],
+        # the tests exercise the lm-eval integration and the Megatron-Core conversion (CPU, gloo) too
+        "dev": ["pytest>=8", "pytest-timeout", "lm-eval>=0.4", "datasets", "accelerate", "megatron-core>=0.16.1"],
     },
     entry_points={"console_scripts": ["m2d=megatron_m2d.cli:main"]},
 )

@@ -1,0 +1,73 @@
+"""Dense students in Megatron-Core: bitwise round trip of the tensors, and equal logits at TP1 on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from megatron_m2d.convert.dense_mapping import DENSE_TYPES, hf_to_megatron, megatron_to_hf
+from megatron_m2d.demo import FIXTURE_MOE
+from megatron_m2d.densification.run import densify
+from megatron_m2d.errors import M2DError
+from tests.megatron_cpu import causal_mask, megatron_cpu  # noqa: F401  (fixture)
+
+
+def tiny_dense(model_type, **extra):
+    fields = dict(vocab_size=259, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=False)
+    if model_type == "mistral":
+        fields["sliding_window"] = None
+    config = AutoConfig.for_model(model_type, **{**fields, **extra})
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("model_type", list(DENSE_TYPES))
+def test_round_trip_is_bitwise(model_type):
+    model = tiny_dense(model_type)
+    hf = {k: v for k, v in model.state_dict().items()}
+    back = megatron_to_hf(hf_to_megatron(hf, model.config), model.config)
+    assert back.keys() == hf.keys()
+    assert all(torch.equal(back[k], hf[k]) for k in hf)
+
+
+def test_sliding_window_is_refused():
+    model = tiny_dense("mistral", sliding_window=16)
+    with pytest.raises(M2DError, match="sliding-window"):
+        hf_to_megatron(model.state_dict(), model.config)
+
+
+def megatron_logits(model, ids):
+    from megatron_m2d.convert.megatron_model import build_gpt_model
+
+    mega = build_gpt_model(model.config)
+    missing, unexpected = mega.load_state_dict(hf_to_megatron(model.state_dict(), model.config), strict=False)
+    assert [k for k in missing if not k.endswith("_extra_state")] == [] and unexpected == []
+    mega.eval()
+    positions = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+    with torch.no_grad():
+        return mega(ids, positions, attention_mask=causal_mask(ids.shape[1]))
+
+
+@pytest.mark.parametrize("model_type", list(DENSE_TYPES))
+def test_megatron_logits_equal_hf(megatron_cpu, model_type):  # noqa: F811
+    """fp32 on CPU: the two implementations order a few sums differently; 1e-4 on logits of order 1."""
+    model = tiny_dense(model_type)
+    ids = torch.randint(0, 259, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    assert torch.allclose(megatron_logits(model, ids), expected, atol=1e-4, rtol=0)
+
+
+def test_densified_fixture_student_runs_in_megatron(megatron_cpu, tmp_path):  # noqa: F811
+    """The student exactly as densify wrote it (tied embeddings, bf16 on disk, upcast to fp32) gives the same
+    logits. A trained model's logits reach ~20, so fp32 re-association noise is ~1e-5: 1e-3 still catches any
+    wrong tensor (those move logits by > 0.1)."""
+    student = densify(FIXTURE_MOE, tmp_path / "dense", "gld_reap", data="fixture", progress=False,
+                      calibration=dict(tokens=1024, seq_len=128)).path
+    model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).eval()
+    ids = torch.randint(0, 4096, (1, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    assert torch.allclose(megatron_logits(model, ids), expected, atol=1e-3, rtol=0)
