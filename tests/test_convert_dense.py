@@ -71,3 +71,41 @@ def test_densified_fixture_student_runs_in_megatron(megatron_cpu, tmp_path):  # 
     with torch.no_grad():
         expected = model(input_ids=ids).logits
     assert torch.allclose(megatron_logits(model, ids), expected, atol=1e-3, rtol=0)
+
+
+@pytest.fixture
+def megatron_cpu_checkpointing(megatron_cpu, monkeypatch):  # noqa: F811
+    """dist_checkpointing's writer also synchronises CUDA after its host copies."""
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "qwen2"])
+def test_distributed_checkpoint_round_trip_is_bitwise(megatron_cpu_checkpointing, model_type, tmp_path):
+    from safetensors.torch import load_file
+
+    from megatron_m2d.convert.checkpoint import hf_to_megatron_checkpoint, megatron_to_hf_checkpoint
+
+    model = tiny_dense(model_type)
+    model.save_pretrained(tmp_path / "hf")
+    mega = hf_to_megatron_checkpoint(tmp_path / "hf", tmp_path / "megatron")
+    assert (mega / "m2d_convert.json").is_file() and (mega / "metadata.json").is_file()
+    back = megatron_to_hf_checkpoint(mega, tmp_path / "back")
+    original = {k: v for k, v in model.state_dict().items()}
+    restored = {}
+    for shard in back.glob("*.safetensors"):
+        restored.update(load_file(shard))
+    assert restored.keys() == original.keys()
+    assert all(torch.equal(restored[k], original[k]) for k in original)
+    reloaded = AutoModelForCausalLM.from_pretrained(back)
+    ids = torch.randint(0, 259, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_convert_refuses_parallel_sizes_it_cannot_write_yet(megatron_cpu_checkpointing, tmp_path):
+    from megatron_m2d.convert.checkpoint import hf_to_megatron_checkpoint
+
+    tiny_dense("qwen3").save_pretrained(tmp_path / "hf")
+    with pytest.raises(M2DError, match="--tp 1 --pp 1"):
+        hf_to_megatron_checkpoint(tmp_path / "hf", tmp_path / "out", tp=2)
+    assert not (tmp_path / "out").exists()
