@@ -3,7 +3,8 @@
 megatron-core assumes CUDA in a few places that a forward pass on CPU reaches:
 - rotary embeddings move their frequencies to torch.cuda.current_device();
 - attention forks the CUDA RNG tracker (for dropout, which is 0 here);
-- the default causal mask is built on device "cuda" (avoided by passing an explicit mask).
+- the default causal mask is built on device "cuda" (avoided by passing an explicit mask);
+- 0.16.1 only: the MoE router names `te_general_gemm`, defined only when Transformer Engine imports.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ def megatron_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
     monkeypatch.setattr(tp_random.CudaRNGStatesTracker, "fork",
                         contextlib.contextmanager(lambda self, name=None: (yield)))
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        monkeypatch.setattr(moe_utils, "te_general_gemm", None, raising=False)
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)

@@ -29,13 +29,21 @@ def transformer_config_kwargs(config) -> dict:
 
 
 def build_gpt_model(config, params_dtype: torch.dtype = torch.float32, use_cpu_initialization: bool = True):
+    """The Megatron model of a HF dense student, or of a MoE teacher that `moe_mapping` supports."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    kwargs = transformer_config_kwargs(config)
+    from megatron_m2d.convert import moe_mapping
+
+    if config.model_type in moe_mapping.DENSE_TWIN or config.model_type in moe_mapping.REFUSED:
+        _, twin = moe_mapping.check_supported(config)
+        kwargs = {**transformer_config_kwargs(twin), **moe_mapping.moe_config_kwargs(config)}
+    else:
+        kwargs = transformer_config_kwargs(config)
     transformer = TransformerConfig(**kwargs, params_dtype=params_dtype, use_cpu_initialization=use_cpu_initialization)
-    spec = get_gpt_layer_local_spec(qk_layernorm=kwargs["qk_layernorm"], normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(num_experts=kwargs.get("num_moe_experts"), moe_grouped_gemm=False,
+                                    qk_layernorm=kwargs["qk_layernorm"], normalization="RMSNorm")
     rope = getattr(config, "rope_parameters", None) or {}
     return GPTModel(transformer, spec, vocab_size=config.vocab_size,
                     max_sequence_length=config.max_position_embeddings, position_embedding_type="rope",

@@ -1,4 +1,4 @@
-"""Dense students in Megatron-Core: bitwise round trip of the tensors, and equal logits at TP1 on CPU."""
+"""Megatron-Core conversion: dense students and MoE teachers, tensors round-trip bitwise, logits equal at TP1."""
 
 from __future__ import annotations
 
@@ -109,3 +109,32 @@ def test_convert_refuses_parallel_sizes_it_cannot_write_yet(megatron_cpu_checkpo
     with pytest.raises(M2DError, match="--tp 1 --pp 1"):
         hf_to_megatron_checkpoint(tmp_path / "hf", tmp_path / "out", tp=2)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family,extra", [("qwen3_moe", {}), ("qwen3_moe", {"norm_topk_prob": False}),
+                                          ("mixtral", {})])
+def test_moe_teacher_logits_equal_hf(megatron_cpu, tiny, family, extra):  # noqa: F811
+    """The MoE teacher at TP1/EP1 (allgather dispatcher, sequential experts): same routing, same logits."""
+    from megatron_m2d.convert import moe_mapping
+    from megatron_m2d.convert.megatron_model import build_gpt_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny(family, **extra)).eval()
+    mega = build_gpt_model(model.config)
+    missing, unexpected = mega.load_state_dict(moe_mapping.hf_to_megatron(model.state_dict(), model.config),
+                                               strict=False)
+    assert [k for k in missing if not k.endswith("_extra_state")] == [] and unexpected == []
+    mega.eval()
+    ids = torch.randint(0, 259, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        got = mega(ids, torch.arange(16).unsqueeze(0).expand_as(ids), attention_mask=causal_mask(16))
+    assert torch.allclose(got, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family,message", [("qwen2_moe", "sigmoid gate"), ("olmoe", "whole projection")])
+def test_moe_families_megatron_cannot_express_are_refused(tiny, family, message):
+    from megatron_m2d.convert import moe_mapping
+
+    model = AutoModelForCausalLM.from_pretrained(tiny(family))
+    with pytest.raises(M2DError, match=message):
+        moe_mapping.hf_to_megatron(model.state_dict(), model.config)
