@@ -73,14 +73,8 @@ def test_densified_fixture_student_runs_in_megatron(megatron_cpu, tmp_path):  # 
     assert torch.allclose(megatron_logits(model, ids), expected, atol=1e-3, rtol=0)
 
 
-@pytest.fixture
-def megatron_cpu_checkpointing(megatron_cpu, monkeypatch):  # noqa: F811
-    """dist_checkpointing's writer also synchronises CUDA after its host copies."""
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)
-
-
 @pytest.mark.parametrize("model_type", ["qwen3", "qwen2"])
-def test_distributed_checkpoint_round_trip_is_bitwise(megatron_cpu_checkpointing, model_type, tmp_path):
+def test_distributed_checkpoint_round_trip_is_bitwise(megatron_cpu, model_type, tmp_path):
     from safetensors.torch import load_file
 
     from megatron_m2d.convert.checkpoint import hf_to_megatron_checkpoint, megatron_to_hf_checkpoint
@@ -102,7 +96,7 @@ def test_distributed_checkpoint_round_trip_is_bitwise(megatron_cpu_checkpointing
         assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
-def test_convert_refuses_parallel_sizes_it_cannot_write_yet(megatron_cpu_checkpointing, tmp_path):
+def test_convert_refuses_parallel_sizes_it_cannot_write_yet(megatron_cpu, tmp_path):
     from megatron_m2d.convert.checkpoint import hf_to_megatron_checkpoint
 
     tiny_dense("qwen3").save_pretrained(tmp_path / "hf")
@@ -138,3 +132,24 @@ def test_moe_families_megatron_cannot_express_are_refused(tiny, family, message)
     model = AutoModelForCausalLM.from_pretrained(tiny(family))
     with pytest.raises(M2DError, match=message):
         moe_mapping.hf_to_megatron(model.state_dict(), model.config)
+
+
+def test_checkpoint_written_at_tp1_loads_at_tp2(megatron_cpu, tmp_path):  # noqa: F811
+    """Resharding on load: 2 gloo processes load the TP1 checkpoint at tensor parallel size 2 and produce the HF
+    model's logits (fp32; the TP all-reduces sum partial products in another order: 1e-4)."""
+    import torch.multiprocessing as mp
+
+    from megatron_m2d.convert.checkpoint import hf_to_megatron_checkpoint
+    from tests.megatron_cpu import free_port, tp_logits_worker
+
+    model = tiny_dense("qwen3", vocab_size=256)  # TP shards the vocabulary: it must divide (no padding yet)
+    model.save_pretrained(tmp_path / "hf")
+    checkpoint = hf_to_megatron_checkpoint(tmp_path / "hf", tmp_path / "megatron")
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(4))
+    torch.save(ids, tmp_path / "ids.pt")
+    mp.spawn(tp_logits_worker, args=(2, free_port(), str(checkpoint), str(tmp_path / "ids.pt"),
+                                     str(tmp_path / "logits.pt")), nprocs=2, join=True)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    got = torch.load(tmp_path / "logits.pt", weights_only=True)
+    assert torch.allclose(got, expected, atol=1e-4, rtol=0)

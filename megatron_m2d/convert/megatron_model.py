@@ -28,7 +28,8 @@ def transformer_config_kwargs(config) -> dict:
                 apply_rope_fusion=False, persist_layer_norm=False)
 
 
-def build_gpt_model(config, params_dtype: torch.dtype = torch.float32, use_cpu_initialization: bool = True):
+def build_gpt_model(config, params_dtype: torch.dtype = torch.float32, use_cpu_initialization: bool = True,
+                    parallel_output: bool = True):
     """The Megatron model of a HF dense student, or of a MoE teacher that `moe_mapping` supports."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -48,4 +49,5 @@ def build_gpt_model(config, params_dtype: torch.dtype = torch.float32, use_cpu_i
     return GPTModel(transformer, spec, vocab_size=config.vocab_size,
                     max_sequence_length=config.max_position_embeddings, position_embedding_type="rope",
                     rotary_base=int(rope.get("rope_theta", getattr(config, "rope_theta", 10000))),
-                    share_embeddings_and_output_weights=bool(getattr(config, "tie_word_embeddings", False)))
+                    share_embeddings_and_output_weights=bool(getattr(config, "tie_word_embeddings", False)),
+                    parallel_output=parallel_output)
