@@ -127,6 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", default="wsd", choices=["wsd", "cosine", "constant"])
     p.add_argument("--device", default="auto")
 
+    p = commands.add_parser("convert", help="HF <-> Megatron-Core distributed checkpoint (needs megatron-core)")
+    p.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
+    p.add_argument("--model", required=True, help="HF directory (hf-to-megatron) or m2d Megatron checkpoint")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+
     p = commands.add_parser("demo", help="the whole path on the committed fixture MoE (CPU, a few minutes)")
     p.add_argument("--out", default="m2d-demo")
     p.add_argument("--quick", action="store_true", help="tiny token counts: checks the path, not the methods")
@@ -183,10 +191,26 @@ def run(args: argparse.Namespace) -> None:
         config = DistillConfig(**{k: v for k, v in vars(args).items() if k in fields})
         result = distill(args.teacher, args.student, args.data, args.out, config, args.device)
         print(f"distilled {result['tokens']:,} tokens in {result['steps']} steps -> {result['model']}")
+    elif args.command == "convert":
+        _run_convert(args)
     elif args.command == "demo":
         from megatron_m2d.demo import run_demo
 
         run_demo(args.out, quick=args.quick, overwrite=args.overwrite)
+
+
+def _run_convert(args) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
+        raise M2DError("megatron-core is not installed: pip install 'megatron_m2d[megatron]'")
+    from megatron_m2d.convert import checkpoint
+
+    if args.direction == "hf-to-megatron":
+        out = checkpoint.hf_to_megatron_checkpoint(args.model, args.out, args.tp, args.pp, args.overwrite)
+    else:
+        out = checkpoint.megatron_to_hf_checkpoint(args.model, args.out, args.overwrite)
+    print(f"{args.direction}: {args.model} -> {out}")
 
 
 def _list(text: str) -> list[str]:

@@ -75,6 +75,7 @@ def megatron_cpu(monkeypatch):
     from megatron.core import parallel_state
 
     apply_cpu_patches(monkeypatch.setattr)
+    monkeypatch.setenv("M2D_ALLOW_CPU_CHECKPOINT_WRITE", "1")  # the writer's CUDA sync is patched above
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)

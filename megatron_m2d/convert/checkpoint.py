@@ -1,4 +1,4 @@
-"""`m2d convert`: a dense student between a HF directory and a Megatron-Core distributed checkpoint.
+"""A dense student or a MoE teacher between a HF directory and a Megatron-Core distributed checkpoint.
 
 The Megatron side is `megatron.core.dist_checkpointing` (global tensors with sharding metadata, so a checkpoint
 loads under other parallel sizes), plus `m2d_convert.json` with the HF config, which is what builds the matching
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from megatron_m2d.convert.dense_mapping import hf_to_megatron, megatron_to_hf
+from megatron_m2d.convert import dense_mapping, moe_mapping
 from megatron_m2d.convert.megatron_model import build_gpt_model
 from megatron_m2d.densification.export import _copy_side_files
 from megatron_m2d.errors import M2DError
@@ -24,6 +24,12 @@ from megatron_m2d.io.checkpoint import Checkpoint
 from megatron_m2d.io.writer import ShardedWriter, atomic_directory, check_output_path, write_json
 
 META = "m2d_convert.json"
+
+
+def mapping_for(config):
+    """The mapping module of a model type: MoE teachers and dense students share one interface."""
+    return moe_mapping if config.model_type in moe_mapping.DENSE_TWIN or config.model_type in moe_mapping.REFUSED \
+        else dense_mapping
 
 
 def _ensure_parallel_state(tp: int, pp: int) -> None:
@@ -50,10 +56,16 @@ def hf_to_megatron_checkpoint(model: str | Path, out: str | Path, tp: int = 1, p
 
     out = check_output_path(out, overwrite)
     ckpt = Checkpoint(model)
+    if not torch.cuda.is_available() and not os.environ.get("M2D_ALLOW_CPU_CHECKPOINT_WRITE"):
+        # megatron-core's distributed-checkpoint writer (0.16.1) calls torch.cuda.synchronize() after copying
+        # tensors to host memory, which fails without CUDA; our CPU tests patch that call, the product does not.
+        raise M2DError("writing a Megatron-Core distributed checkpoint needs a CUDA device (megatron-core's "
+                       "writer synchronises CUDA); run hf-to-megatron on a GPU machine")
     _ensure_parallel_state(tp, pp)
+    mapping = mapping_for(ckpt.config)
     hf_state = {key: ckpt.get(key) for key in ckpt.keys()}
     megatron = build_gpt_model(ckpt.config, params_dtype=ckpt.dtype())
-    missing, unexpected = megatron.load_state_dict(hf_to_megatron(hf_state, ckpt.config), strict=False)
+    missing, unexpected = megatron.load_state_dict(mapping.hf_to_megatron(hf_state, ckpt.config), strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise M2DError(f"internal error: mapping mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -84,7 +96,7 @@ def megatron_to_hf_checkpoint(checkpoint: str | Path, out: str | Path, overwrite
     tensors = {k: v for k, v in state.items() if torch.is_tensor(v) and not k.endswith("_extra_state")}
     with atomic_directory(out, overwrite) as tmp:
         writer = ShardedWriter(tmp)
-        for name, tensor in megatron_to_hf(tensors, config).items():
+        for name, tensor in mapping_for(config).megatron_to_hf(tensors, config).items():
             writer.add(name, tensor.to(dtype))
         writer.close()
         config.save_pretrained(tmp)

@@ -81,3 +81,24 @@ def hf_to_megatron(hf: dict[str, torch.Tensor], config) -> dict[str, torch.Tenso
             out[prefix + f"experts.local_experts.{e}.linear_fc1.weight"] = gate_up[e]
             out[prefix + f"experts.local_experts.{e}.linear_fc2.weight"] = down[e]
     return out
+
+
+def megatron_to_hf(mega: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """Back to the on-disk HF layout (per-expert keys, as transformers saves and the hub serves them)."""
+    family, twin = check_supported(config)
+    shell = {k: v for k, v in mega.items() if ".mlp." not in k}
+    width, hidden = family.expert_width(config), config.hidden_size
+    for i in range(config.num_hidden_layers):
+        shell[f"decoder.layers.{i}.mlp.linear_fc1.weight"] = torch.empty(2 * width, hidden)
+        shell[f"decoder.layers.{i}.mlp.linear_fc2.weight"] = torch.empty(hidden, width)
+    out = {k: v for k, v in dense_mapping.megatron_to_hf(shell, twin).items() if ".mlp." not in k}
+    keys = family.experts
+    for i in range(config.num_hidden_layers):
+        prefix = f"decoder.layers.{i}.mlp."
+        out[family.block_key(i, family.router)] = mega[prefix + "router.weight"]
+        for e in range(family.num_experts(config)):
+            gate, up = mega[prefix + f"experts.local_experts.{e}.linear_fc1.weight"].chunk(2, dim=0)
+            out[family.block_key(i, keys.gate.format(e=e))] = gate.contiguous()
+            out[family.block_key(i, keys.up.format(e=e))] = up.contiguous()
+            out[family.block_key(i, keys.down.format(e=e))] = mega[prefix + f"experts.local_experts.{e}.linear_fc2.weight"]
+    return out
