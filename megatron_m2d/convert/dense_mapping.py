@@ -63,7 +63,8 @@ def split_qkv(qkv: torch.Tensor, config) -> tuple[torch.Tensor, torch.Tensor, to
     return q.reshape(-1, *tail), k.reshape(-1, *tail), v.reshape(-1, *tail)
 
 
-def hf_to_megatron(hf: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+def hf_to_megatron(hf: dict[str, torch.Tensor], config, mlp: bool = True) -> dict[str, torch.Tensor]:
+    """`mlp=False` maps everything but the FFN (the MoE teachers map their MoE blocks themselves)."""
     qk_norm, qkv_bias = check_supported(config)
     out = {m: hf[h] for m, h in GLOBAL_RENAMES.items() if h in hf}
     if getattr(config, "tie_word_embeddings", False):  # Megatron shares the embedding as its output layer
@@ -71,7 +72,7 @@ def hf_to_megatron(hf: dict[str, torch.Tensor], config) -> dict[str, torch.Tenso
     for i in range(config.num_hidden_layers):
         h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
         for mega, name in LAYER_RENAMES.items():
-            if mega in QK_NORMS and not qk_norm:
+            if (mega in QK_NORMS and not qk_norm) or (mega.startswith("mlp.") and not mlp):
                 continue
             out[m + mega] = hf[h + name]
         attn = h + "self_attn."
@@ -80,11 +81,12 @@ def hf_to_megatron(hf: dict[str, torch.Tensor], config) -> dict[str, torch.Tenso
         if qkv_bias:
             out[m + "self_attention.linear_qkv.bias"] = fuse_qkv(
                 hf[attn + "q_proj.bias"], hf[attn + "k_proj.bias"], hf[attn + "v_proj.bias"], config)
-        out[m + "mlp.linear_fc1.weight"] = torch.cat([hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]])
+        if mlp:
+            out[m + "mlp.linear_fc1.weight"] = torch.cat([hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]])
     return out
 
 
-def megatron_to_hf(mega: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+def megatron_to_hf(mega: dict[str, torch.Tensor], config, mlp: bool = True) -> dict[str, torch.Tensor]:
     qk_norm, qkv_bias = check_supported(config)
     out = {h: mega[m] for m, h in GLOBAL_RENAMES.items() if m in mega}
     if getattr(config, "tie_word_embeddings", False):
@@ -100,6 +102,7 @@ def megatron_to_hf(mega: dict[str, torch.Tensor], config) -> dict[str, torch.Ten
         if qkv_bias:
             q, k, v = split_qkv(mega[m + "self_attention.linear_qkv.bias"], config)
             out.update({attn + "q_proj.bias": q, attn + "k_proj.bias": k, attn + "v_proj.bias": v})
-        gate, up = mega[m + "mlp.linear_fc1.weight"].chunk(2, dim=0)
-        out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = gate, up
+        if mlp:
+            gate, up = mega[m + "mlp.linear_fc1.weight"].chunk(2, dim=0)
+            out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = gate, up
     return {k: v.contiguous() for k, v in out.items()}

@@ -65,15 +65,9 @@ def _expert_tensors(hf: dict, family, config, layer: int):
 
 def hf_to_megatron(hf: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
     family, twin = check_supported(config)
-    shell = {k: v for k, v in hf.items() if f".{family.moe_block}." not in k and ".mlp." not in k}
-    width, hidden = family.expert_width(config), config.hidden_size
-    for i in range(config.num_hidden_layers):  # placeholders so the dense mapping walks every layer
-        for part, shape in (("gate_proj", (width, hidden)), ("up_proj", (width, hidden)), ("down_proj", (hidden, width))):
-            shell[f"model.layers.{i}.mlp.{part}.weight"] = torch.empty(shape)
-    out = dense_mapping.hf_to_megatron(shell, twin)
+    out = dense_mapping.hf_to_megatron(hf, twin, mlp=False)
     for i in range(config.num_hidden_layers):
         prefix = f"decoder.layers.{i}.mlp."
-        del out[prefix + "linear_fc1.weight"], out[prefix + "linear_fc2.weight"]
         router = f"model.layers.{i}.mlp.gate.weight"
         out[prefix + "router.weight"] = hf[router if router in hf else family.block_key(i, family.router)]
         gate_up, down = _expert_tensors(hf, family, config, i)
@@ -86,12 +80,7 @@ def hf_to_megatron(hf: dict[str, torch.Tensor], config) -> dict[str, torch.Tenso
 def megatron_to_hf(mega: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
     """Back to the on-disk HF layout (per-expert keys, as transformers saves and the hub serves them)."""
     family, twin = check_supported(config)
-    shell = {k: v for k, v in mega.items() if ".mlp." not in k}
-    width, hidden = family.expert_width(config), config.hidden_size
-    for i in range(config.num_hidden_layers):
-        shell[f"decoder.layers.{i}.mlp.linear_fc1.weight"] = torch.empty(2 * width, hidden)
-        shell[f"decoder.layers.{i}.mlp.linear_fc2.weight"] = torch.empty(hidden, width)
-    out = {k: v for k, v in dense_mapping.megatron_to_hf(shell, twin).items() if ".mlp." not in k}
+    out = dense_mapping.megatron_to_hf(mega, twin, mlp=False)
     keys = family.experts
     for i in range(config.num_hidden_layers):
         prefix = f"decoder.layers.{i}.mlp."
