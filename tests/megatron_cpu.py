@@ -37,8 +37,10 @@ def apply_cpu_patches(setattr_=setattr) -> None:
         setattr(moe_utils, "te_general_gemm", None)
 
 
-def tp_logits_worker(rank: int, world: int, port: int, checkpoint: str, ids_path: str, out_path: str) -> None:
-    """One rank of a tensor-parallel forward: load an m2d Megatron checkpoint at TP=world, save rank 0's logits."""
+def tp_logits_worker(rank: int, world: int, port: int, checkpoint: str, ids_path: str, out_path: str,
+                     expert_parallel: bool = False) -> None:
+    """One rank of a parallel forward: load an m2d Megatron checkpoint at TP=world (or EP=world with
+    expert_parallel), save rank 0's logits."""
     import json
 
     import torch.distributed as dist
@@ -50,7 +52,10 @@ def tp_logits_worker(rank: int, world: int, port: int, checkpoint: str, ids_path
     apply_cpu_patches()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    parallel_state.initialize_model_parallel(world, 1)
+    if expert_parallel:
+        parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=world)
+    else:
+        parallel_state.initialize_model_parallel(world, 1)
     meta = json.loads((Path(checkpoint) / "m2d_convert.json").read_text())
     values = dict(meta["hf_config"])
     config = AutoConfig.for_model(values.pop("model_type"), **values)

@@ -185,3 +185,22 @@ def test_convert_cli_on_a_machine_without_cuda(tiny, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs a CUDA device" in err[0]
     assert not (tmp_path / "m").exists()
+
+
+def test_moe_checkpoint_written_at_ep1_loads_at_ep2(megatron_cpu, tiny, tmp_path):  # noqa: F811
+    """Expert parallel resharding on load: 2 gloo processes, 4 experts each, the teacher's logits."""
+    import torch.multiprocessing as mp
+
+    from megatron_m2d.convert.checkpoint import hf_to_megatron_checkpoint
+    from tests.megatron_cpu import free_port, tp_logits_worker
+
+    teacher = tiny("qwen3_moe")
+    checkpoint = hf_to_megatron_checkpoint(teacher, tmp_path / "megatron")
+    ids = torch.randint(0, 259, (2, 16), generator=torch.Generator().manual_seed(5))
+    torch.save(ids, tmp_path / "ids.pt")
+    mp.spawn(tp_logits_worker, args=(2, free_port(), str(checkpoint), str(tmp_path / "ids.pt"),
+                                     str(tmp_path / "logits.pt"), True), nprocs=2, join=True)
+    model = AutoModelForCausalLM.from_pretrained(teacher).eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    assert torch.allclose(torch.load(tmp_path / "logits.pt", weights_only=True), expected, atol=1e-4, rtol=0)
