@@ -8,21 +8,19 @@ Calibration streams the teacher one layer at a time, like `m2d calibrate`, so an
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from megatron_m2d.calibration.run import _load_tokenizer, resolve_device, resolve_dtype
+from megatron_m2d.calibration.run import resolve_device, resolve_dtype
 from megatron_m2d.calibration.streaming import LayerStreamer
 from megatron_m2d.data.text import token_blocks
-from megatron_m2d.densification.export import _copy_side_files
 from megatron_m2d.errors import M2DError
 from megatron_m2d.families import FAMILIES
 from megatron_m2d.families.base import LAYERS
-from megatron_m2d.io.checkpoint import Checkpoint
-from megatron_m2d.io.writer import ShardedWriter, atomic_directory, check_output_path, write_json
+from megatron_m2d.io.checkpoint import Checkpoint, load_tokenizer
+from megatron_m2d.io.writer import ShardedWriter, atomic_directory, check_output_path, copy_side_files, write_json
 
 FFN = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
 
@@ -31,9 +29,7 @@ def neuron_importance(ckpt: Checkpoint, blocks: torch.Tensor, batch_size: int, d
                       progress: bool) -> dict[int, torch.Tensor]:
     """Per layer: mean |input of down_proj| over the calibration tokens, [intermediate]."""
     streamer = LayerStreamer(ckpt, None, device, dtype)
-    batches = list(blocks.split(batch_size))
-    hidden = [streamer.embed(b)[0] for b in batches]
-    kwargs = [streamer.layer_kwargs(tuple(b.shape)) for b in batches]
+    hidden, kwargs = streamer.prepare(blocks, batch_size)
     importance = {}
     for index in tqdm(range(ckpt.config.num_hidden_layers), desc="d2d importance", unit="layer",
                       disable=not progress):
@@ -44,9 +40,7 @@ def neuron_importance(ckpt: Checkpoint, blocks: torch.Tensor, batch_size: int, d
             total.add_(args[0].reshape(-1, args[0].shape[-1]).abs().sum(0).double().cpu())
 
         hook = layer.mlp.down_proj.register_forward_pre_hook(accumulate)
-        with torch.no_grad():
-            for b, batch_kwargs in enumerate(kwargs):
-                hidden[b] = layer(hidden[b], **batch_kwargs[index])
+        streamer.forward_layer(layer, index, hidden, kwargs)
         hook.remove()
         importance[index] = total / blocks.numel()
         del layer
@@ -67,7 +61,7 @@ def d2d(model: str | Path, data: str, out: str | Path, width: int, tokens: int =
     if not 1 <= width <= full:
         raise M2DError(f"--width must lie in [1, {full}] (the teacher's intermediate size)")
     device = resolve_device(device)
-    blocks = token_blocks(_load_tokenizer(ckpt.path), data, tokens, seq_len, seed)
+    blocks = token_blocks(load_tokenizer(ckpt.path), data, tokens, seq_len, seed)
     importance = neuron_importance(ckpt, blocks, batch_size, device, resolve_dtype(dtype, device), progress)
     kept = {layer: torch.sort(torch.topk(score, width).indices).values for layer, score in importance.items()}
     with atomic_directory(out, overwrite) as tmp:
@@ -84,7 +78,7 @@ def d2d(model: str | Path, data: str, out: str | Path, width: int, tokens: int =
         target = ckpt.config
         target.intermediate_size = width
         target.save_pretrained(tmp)
-        _copy_side_files(ckpt.path, tmp)
+        copy_side_files(ckpt.path, tmp)
         write_json(tmp / "m2d_d2d.json", {
             "teacher": str(Path(model).resolve()), "data": data, "tokens": int(blocks.numel()), "width": width,
             "teacher_width": full, "importance": "mean |act(gate x) * up x| over calibration tokens",

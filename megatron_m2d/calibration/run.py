@@ -25,7 +25,7 @@ from megatron_m2d.calibration.streaming import LayerStreamer
 from megatron_m2d.data.text import token_blocks
 from megatron_m2d.errors import M2DError
 from megatron_m2d.families import family_of
-from megatron_m2d.io.checkpoint import Checkpoint
+from megatron_m2d.io.checkpoint import Checkpoint, load_tokenizer
 from megatron_m2d.io.writer import check_output_path, write_json
 
 HIDDEN = "hidden.safetensors"
@@ -48,15 +48,6 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _load_tokenizer(model: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model)
-    except (OSError, ValueError) as exc:
-        raise M2DError(f"cannot load the tokenizer of {model}: {str(exc).splitlines()[0]}") from None
-
-
 def calibrate(model: str | Path, data: str, out: str | Path, tokens: int = 65536, seq_len: int = 512,
               batch_size: int = 8, gram: bool = False, device: str = "auto", dtype: str = "auto", seed: int = 0,
               overwrite: bool = False, progress: bool = True) -> Statistics:
@@ -66,7 +57,7 @@ def calibrate(model: str | Path, data: str, out: str | Path, tokens: int = 65536
     family = family_of(ckpt.config)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    blocks = token_blocks(_load_tokenizer(ckpt.path), data, tokens, seq_len, seed)
+    blocks = token_blocks(load_tokenizer(ckpt.path), data, tokens, seq_len, seed)
     config = ckpt.config
     run = {
         "format_version": FORMAT_VERSION, "m2d_version": __version__, "model": str(Path(model).resolve()),
@@ -85,12 +76,8 @@ def calibrate(model: str | Path, data: str, out: str | Path, tokens: int = 65536
         write_json(work / META, {**run, "complete": False})
 
     streamer = LayerStreamer(ckpt, family, device, torch_dtype)
-    batches = list(blocks.split(batch_size))
-    if hidden is None:
-        hidden = [streamer.embed(batch)[0] for batch in batches]
-    else:
-        hidden = [h.to(device=device, dtype=torch_dtype) for h in hidden]
-    kwargs = [streamer.layer_kwargs(tuple(batch.shape)) for batch in batches]
+    embedded, kwargs = streamer.prepare(blocks, batch_size)
+    hidden = embedded if hidden is None else [h.to(device=device, dtype=torch_dtype) for h in hidden]
     moe_layers = set(run["moe_layers"])
     started = time.perf_counter()
     bar = tqdm(range(start_layer, config.num_hidden_layers), desc="calibrate", unit="layer", disable=not progress,
@@ -104,9 +91,7 @@ def calibrate(model: str | Path, data: str, out: str | Path, tokens: int = 65536
                                   shared_gate=family.shared.gate if family.shared else None)
             hook = layer.mlp.register_forward_pre_hook(
                 lambda module, args: stats.update(module, args[0], family.route))
-        with torch.no_grad():
-            for b, batch_kwargs in enumerate(kwargs):
-                hidden[b] = layer(hidden[b], **batch_kwargs[index])
+        streamer.forward_layer(layer, index, hidden, kwargs)
         if stats is not None:
             hook.remove()
             save_file(stats.sums, work / layer_file(index))

@@ -66,6 +66,17 @@ class LayerStreamer:
             self._kwargs_by_shape[shape] = {i: kwargs for i, (_, kwargs) in self.record.items()}
         return hidden, self._kwargs_by_shape[shape]
 
+    def prepare(self, blocks: torch.Tensor, batch_size: int) -> tuple[list[torch.Tensor], list[dict[int, dict]]]:
+        """Embeddings of every batch of `blocks`, and each batch's per-layer keyword arguments."""
+        batches = list(blocks.split(batch_size))
+        return [self.embed(b)[0] for b in batches], [self.layer_kwargs(tuple(b.shape)) for b in batches]
+
+    @torch.no_grad()
+    def forward_layer(self, layer: nn.Module, index: int, hidden: list[torch.Tensor], kwargs: list[dict]) -> None:
+        """Run decoder layer `index` over every batch, replacing `hidden` in place."""
+        for b, batch_kwargs in enumerate(kwargs):
+            hidden[b] = layer(hidden[b], **batch_kwargs[index])
+
     def layer_kwargs(self, shape: tuple) -> dict[int, dict]:
         if shape not in self._kwargs_by_shape:
             self.embed(torch.zeros(shape, dtype=torch.long))

@@ -18,10 +18,9 @@ from transformers import AutoConfig, PretrainedConfig
 
 from megatron_m2d.convert import dense_mapping, moe_mapping
 from megatron_m2d.convert.megatron_model import build_gpt_model
-from megatron_m2d.densification.export import _copy_side_files
 from megatron_m2d.errors import M2DError
 from megatron_m2d.io.checkpoint import Checkpoint
-from megatron_m2d.io.writer import ShardedWriter, atomic_directory, check_output_path, write_json
+from megatron_m2d.io.writer import ShardedWriter, atomic_directory, check_output_path, copy_side_files, write_json
 
 META = "m2d_convert.json"
 
@@ -75,7 +74,7 @@ def hf_to_megatron_checkpoint(model: str | Path, out: str | Path, tp: int = 1, p
                                 "dtype": str(ckpt.dtype()).removeprefix("torch."), "source": str(Path(model).resolve())})
         side = tmp / "hf_side_files"
         side.mkdir()
-        _copy_side_files(ckpt.path, side)
+        copy_side_files(ckpt.path, side)
     return out
 
 
@@ -100,5 +99,5 @@ def megatron_to_hf_checkpoint(checkpoint: str | Path, out: str | Path, overwrite
             writer.add(name, tensor.to(dtype))
         writer.close()
         config.save_pretrained(tmp)
-        _copy_side_files(checkpoint / "hf_side_files", tmp)
+        copy_side_files(checkpoint / "hf_side_files", tmp)
     return out

@@ -6,8 +6,6 @@ its plan. Only the kept experts of one layer are ever in memory.
 
 from __future__ import annotations
 
-import fnmatch
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -20,10 +18,8 @@ from megatron_m2d.densification.plan import LayerPlan, Method
 from megatron_m2d.errors import M2DError
 from megatron_m2d.families.base import LAYERS, ExpertWeights, Family
 from megatron_m2d.io.checkpoint import Checkpoint
-from megatron_m2d.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter
+from megatron_m2d.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, copy_side_files
 
-SIDE_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model",
-              "*.tiktoken", "chat_template*", "generation_config.json", "preprocessor_config.json")
 
 
 def dense_width(family: Family, config, groups: int) -> tuple[str, int]:
@@ -132,7 +128,7 @@ def write_student(ckpt: Checkpoint, family: Family, groups: int, ffn_for_layer: 
             raise M2DError(f"internal error: the export wrote {name}, which the dense model does not have")
     writer.close()
     target.save_pretrained(out)
-    _copy_side_files(ckpt.path, out)
+    copy_side_files(ckpt.path, out)
     return {"layout": layout, "width": width, "architecture": target.architectures[0],
             "dtype": str(dtype).removeprefix("torch."), "bytes": writer.total_bytes}
 
@@ -156,12 +152,3 @@ def _disk_layout(in_memory: dict[str, tuple], family: Family, layout: str) -> di
         else:
             out[name.replace(f".{layer}.mlp.", f".{layer}.{family.moe_block}.")] = shape
     return out
-
-
-def _copy_side_files(source: Path, out: Path) -> None:
-    """What a runtime needs beside the weights: tokenizer files, chat templates, generation config. An
-    allowlist, so the teacher's own records (its model card, training logs) are never passed off as the
-    student's."""
-    for path in source.iterdir():
-        if path.is_file() and any(fnmatch.fnmatch(path.name, pattern) for pattern in SIDE_FILES):
-            shutil.copy2(path, out / path.name)

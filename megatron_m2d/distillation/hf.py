@@ -21,13 +21,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 
 from megatron_m2d.data.text import token_blocks
 from megatron_m2d.distillation.state import (SCHEDULES, latest_checkpoint, learning_rate, load_training_state,
                                              save_training_state)
 from megatron_m2d.errors import M2DError
 from megatron_m2d.evaluation.perplexity import load_model
+from megatron_m2d.io.checkpoint import load_tokenizer
 from megatron_m2d.io.writer import atomic_directory
 
 
@@ -110,7 +110,7 @@ def distill(teacher: str | Path, student: str | Path, data: str, out: str | Path
         p.requires_grad_(False)
     resume_from = latest_checkpoint(checkpoints)
     student_model, _ = load_model(resume_from or student, device, torch.float32)
-    student_tokenizer = AutoTokenizer.from_pretrained(student)
+    student_tokenizer = load_tokenizer(student)
     if len(student_tokenizer) != len(tokenizer) or student_model.config.vocab_size != teacher_model.config.vocab_size:
         raise M2DError("teacher and student have different vocabularies")
     student_model.train()

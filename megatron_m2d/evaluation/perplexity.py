@@ -14,10 +14,11 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from megatron_m2d.data.text import token_stream
 from megatron_m2d.errors import M2DError
+from megatron_m2d.io.checkpoint import load_tokenizer
 
 METHODS = ("nonoverlapping", "sliding")
 
@@ -74,10 +75,9 @@ def stream_perplexity(model, stream: torch.Tensor, seq_len: int = 256, batch_siz
 def load_model(model_dir, device: str = "cpu", dtype: torch.dtype = torch.float32):
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as exc:
         raise M2DError(f"cannot load {model_dir}: {str(exc).splitlines()[0]}") from None
-    return model, tokenizer
+    return model, load_tokenizer(model_dir)
 
 
 def perplexity_of_dir(model_dir, source: str, device: str = "cpu", **kwargs) -> dict:

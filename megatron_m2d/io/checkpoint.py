@@ -122,3 +122,12 @@ class Checkpoint:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def load_tokenizer(model: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError) as exc:
+        raise M2DError(f"cannot load the tokenizer of {model}: {str(exc).splitlines()[0]}") from None

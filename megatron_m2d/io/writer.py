@@ -7,6 +7,7 @@ so shards are flushed as soon as they reach their size and the HF index is writt
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import shutil
@@ -20,6 +21,8 @@ from megatron_m2d.errors import M2DError
 # A shard is assembled in memory before it is written (safetensors puts the header first), so the shard size
 # is part of densify's peak memory.
 DEFAULT_SHARD_BYTES = 1024**3
+SIDE_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model",
+              "*.tiktoken", "chat_template*", "generation_config.json", "preprocessor_config.json")
 
 
 def check_output_path(out: str | Path, overwrite: bool) -> Path:
@@ -95,3 +98,12 @@ class ShardedWriter:
         # Always an index, even for one shard: every HF loader and vLLM read it, and tools can rely on it.
         write_json(self.directory / "model.safetensors.index.json",
                    {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))})
+
+
+def copy_side_files(source: Path, out: Path) -> None:
+    """What a runtime needs beside the weights: tokenizer files, chat templates, generation config. An
+    allowlist, so the teacher's own records (its model card, training logs) are never passed off as the
+    student's."""
+    for path in source.iterdir():
+        if path.is_file() and any(fnmatch.fnmatch(path.name, pattern) for pattern in SIDE_FILES):
+            shutil.copy2(path, out / path.name)
