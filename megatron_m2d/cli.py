@@ -130,8 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("convert", help="HF <-> Megatron-Core distributed checkpoint (needs megatron-core)")
     p.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
     p.add_argument("--model", required=True, help="HF directory (hf-to-megatron) or m2d Megatron checkpoint")
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
+    for flag, what in (("--tp", "tensor"), ("--pp", "pipeline"), ("--ep", "expert")):
+        p.add_argument(flag, type=int, default=1, help=f"target {what} parallel size (checked against the model; "
+                       "one process writes a checkpoint that loads at any size, torchrun with tp*pp*ep ranks "
+                       "writes this layout)")
+    p.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per pipeline rank")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad the Megatron vocabulary to a multiple of this (must be divisible by --tp)")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
 
@@ -207,7 +212,11 @@ def _run_convert(args) -> None:
     from megatron_m2d.convert import checkpoint
 
     if args.direction == "hf-to-megatron":
-        out = checkpoint.hf_to_megatron_checkpoint(args.model, args.out, args.tp, args.pp, args.overwrite)
+        from megatron_m2d.convert.parallel import ParallelSizes
+
+        sizes = ParallelSizes(tp=args.tp, pp=args.pp, ep=args.ep, vpp=args.vpp)
+        out = checkpoint.hf_to_megatron_checkpoint(args.model, args.out, sizes, args.overwrite,
+                                                   vocab_divisible_by=args.make_vocab_size_divisible_by)
     else:
         out = checkpoint.megatron_to_hf_checkpoint(args.model, args.out, args.overwrite)
     print(f"{args.direction}: {args.model} -> {out}")

@@ -1,103 +1,217 @@
-"""A dense student or a MoE teacher between a HF directory and a Megatron-Core distributed checkpoint.
+"""A dense student or a MoE teacher between a HF directory and a Megatron-Core distributed checkpoint, streamed.
 
-The Megatron side is `megatron.core.dist_checkpointing` (global tensors with sharding metadata, so a checkpoint
-loads under other parallel sizes), plus `m2d_convert.json` with the HF config, which is what builds the matching
-Megatron model again (`build_gpt_model`). This version converts at tensor and pipeline parallel size 1 in one
-process; it needs an initialised torch.distributed group (it makes a single-process gloo group if there is none).
+hf-to-megatron: the Megatron model is built on the meta device (nothing allocated) only to learn the checkpoint's
+keys, shapes and chunking; each parameter is then computed from the HF shards when the writer reaches it, so
+peak memory is a file's worth of chunks plus one parameter, whatever the model size. In one process the chunks
+are whole parameters (TP1/PP1/EP1 chunking), which megatron-core reshards to any TP/PP/EP on load; under
+torchrun with `tp*pp*ep` ranks each rank writes its own shard of the target layout.
+
+megatron-to-hf: reads one decoder layer's chunks at a time (from our checkpoint or one megatron-core saved under
+any layout), maps them back and writes HF safetensors shards.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, PretrainedConfig
 
-from megatron_m2d.convert import dense_mapping, moe_mapping
-from megatron_m2d.convert.megatron_model import build_gpt_model
+from megatron_m2d import __version__
+from megatron_m2d.convert.dcp_stream import Chunk, ChunkReader, model_chunks, save_streaming
+from megatron_m2d.convert.dense_mapping import padded_vocab
+from megatron_m2d.convert.mapping import hf_sources
+from megatron_m2d.convert.megatron_model import build_gpt_model, table_for, transformer_config_kwargs
+from megatron_m2d.convert.parallel import ParallelSizes
+from megatron_m2d.convert.provider import META, ProviderConfig, read_provider_config
 from megatron_m2d.errors import M2DError
 from megatron_m2d.io.checkpoint import Checkpoint
 from megatron_m2d.io.writer import ShardedWriter, atomic_directory, check_output_path, copy_side_files, write_json
 
-META = "m2d_convert.json"
+SIDE_FILES_DIR = "hf_side_files"
 
 
-def mapping_for(config):
-    """The mapping module of a model type: MoE teachers and dense students share one interface."""
-    return moe_mapping if config.model_type in moe_mapping.DENSE_TWIN or config.model_type in moe_mapping.REFUSED \
-        else dense_mapping
-
-
-def _ensure_parallel_state(tp: int, pp: int) -> None:
+def _start_parallel_state(layout: ParallelSizes) -> None:
+    """megatron-core's parallel state for `layout`, on a gloo group (a single-process one if none exists)."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    if tp != 1 or pp != 1:
-        raise M2DError("this version converts at --tp 1 --pp 1; the checkpoint it writes loads under other "
-                       "sizes with Megatron's resharding, but writing them directly is not supported yet")
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
+        if "MASTER_ADDR" not in os.environ or "WORLD_SIZE" not in os.environ:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tp, pp)
+                os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
+            dist.init_process_group("gloo", rank=0, world_size=1)
+        else:
+            dist.init_process_group("gloo")
+    if parallel_state.model_parallel_is_initialized():
+        have = (parallel_state.get_tensor_model_parallel_world_size(),
+                parallel_state.get_pipeline_model_parallel_world_size(),
+                parallel_state.get_expert_model_parallel_world_size())
+        if have != (layout.tp, layout.pp, layout.ep):
+            raise M2DError(f"megatron-core is initialised for tp/pp/ep {have}, the conversion needs "
+                           f"{(layout.tp, layout.pp, layout.ep)}")
+        return
+    parallel_state.initialize_model_parallel(layout.tp, layout.pp, virtual_pipeline_model_parallel_size=layout.vpp,
+                                             expert_model_parallel_size=layout.ep)
 
 
-def hf_to_megatron_checkpoint(model: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
-                              overwrite: bool = False) -> Path:
-    from megatron.core import dist_checkpointing
+def _write_layout(parallel: ParallelSizes) -> ParallelSizes:
+    """One process writes whole parameters (loadable at any layout); torchrun with exactly tp*pp*ep ranks
+    writes the target layout, each rank its shard."""
+    import torch.distributed as dist
 
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return ParallelSizes()
+    if world != parallel.model_parallel_world:
+        raise M2DError(f"launched on {world} ranks; writing a --tp {parallel.tp} --pp {parallel.pp} "
+                       f"--ep {parallel.ep} layout takes {parallel.model_parallel_world} (or run one process)")
+    return parallel
+
+
+def _meta_model_chunks(config, dtype, parallel: ParallelSizes, vocab_rows: int):
+    """All chunks this rank holds, over its virtual pipeline stages; nothing is allocated."""
+    chunks, objects, shapes = [], [], {}
+    for vp_stage in range(parallel.vpp) if parallel.vpp else [None]:
+        with torch.device("meta"):
+            model = build_gpt_model(config, dtype, parallel, vocab_rows, vp_stage=vp_stage, use_te=False)
+        c, o, s = model_chunks(model)
+        chunks, objects, shapes = chunks + c, objects + o, shapes | s
+    return chunks, objects, shapes
+
+
+class _ParameterSource:
+    """Computes Megatron parameters from the HF shards; keeps the last one, since a parameter's chunks (e.g.
+    fc1's gate and up halves) are written one after the other."""
+
+    def __init__(self, ckpt: Checkpoint, table, shapes, dtype):
+        self.ckpt, self.table, self.shapes, self.dtype = ckpt, table, shapes, dtype
+        self.name, self.value = None, None
+
+    def __call__(self, chunk: Chunk) -> torch.Tensor:
+        if chunk.param != self.name:
+            spec = self.table[chunk.param]
+            value = spec.to_megatron([self.ckpt.get(s) for s in spec.sources()], self.ckpt.config)
+            if tuple(value.shape) != tuple(self.shapes[chunk.param]):
+                raise M2DError(f"{chunk.param}: HF tensors give shape {tuple(value.shape)}, the Megatron model "
+                               f"expects {tuple(self.shapes[chunk.param])} (config and weights disagree)")
+            self.name, self.value = chunk.param, value.to(self.dtype).contiguous()
+        return chunk.take(self.value)
+
+
+@contextmanager
+def _shared_output_directory(out: Path, overwrite: bool):
+    """atomic_directory, shared by all ranks: rank 0 owns it and renames it once every rank has written."""
+    import torch.distributed as dist
+
+    multi = dist.is_initialized() and dist.get_world_size() > 1
+    if not multi:
+        with atomic_directory(out, overwrite) as tmp:
+            yield tmp, True
+        return
+    rank = dist.get_rank()
+    box = [None]
+    context = atomic_directory(out, overwrite) if rank == 0 else None
+    if context is not None:
+        box[0] = str(context.__enter__())
+    dist.broadcast_object_list(box, src=0)
+    try:
+        yield Path(box[0]), rank == 0
+        dist.barrier()
+    except BaseException as e:
+        if context is not None:
+            context.__exit__(type(e), e, e.__traceback__)
+        raise
+    if context is not None:
+        context.__exit__(None, None, None)
+
+
+def hf_to_megatron_checkpoint(model: str | Path, out: str | Path, parallel: ParallelSizes = ParallelSizes(),
+                              overwrite: bool = False, vocab_divisible_by: int = 128) -> Path:
+    """Convert a HF checkpoint (teacher or densified student) to a Megatron-Core `torch_dist` checkpoint plus
+    `m2d_convert.json`, streaming one parameter at a time."""
     out = check_output_path(out, overwrite)
     ckpt = Checkpoint(model)
-    if not torch.cuda.is_available() and not os.environ.get("M2D_ALLOW_CPU_CHECKPOINT_WRITE"):
-        # megatron-core's distributed-checkpoint writer (0.16.1) calls torch.cuda.synchronize() after copying
-        # tensors to host memory, which fails without CUDA; our CPU tests patch that call, the product does not.
-        raise M2DError("writing a Megatron-Core distributed checkpoint needs a CUDA device (megatron-core's "
-                       "writer synchronises CUDA); run hf-to-megatron on a GPU machine")
-    _ensure_parallel_state(tp, pp)
-    mapping = mapping_for(ckpt.config)
-    hf_state = {key: ckpt.get(key) for key in ckpt.keys()}
-    megatron = build_gpt_model(ckpt.config, params_dtype=ckpt.dtype())
-    missing, unexpected = megatron.load_state_dict(mapping.hf_to_megatron(hf_state, ckpt.config), strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise M2DError(f"internal error: mapping mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    with atomic_directory(out, overwrite) as tmp:
-        dist_checkpointing.save(megatron.sharded_state_dict(), str(tmp))
-        write_json(tmp / META, {"hf_config": ckpt.config.to_dict(), "tp": tp, "pp": pp,
-                                "dtype": str(ckpt.dtype()).removeprefix("torch."), "source": str(Path(model).resolve())})
-        side = tmp / "hf_side_files"
-        side.mkdir()
-        copy_side_files(ckpt.path, side)
+    config, dtype = ckpt.config, ckpt.dtype()
+    vocab_rows = padded_vocab(config, vocab_divisible_by)
+    problems = parallel.problems(transformer_config_kwargs(config), vocab_rows)
+    if problems:
+        raise M2DError("; ".join(problems))
+    table = table_for(config, vocab_rows)
+    available = set(ckpt.keys())
+    missing = sorted(hf_sources(table) - available)
+    tied_head = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    unused = sorted(available - hf_sources(table) - tied_head)
+    if missing or unused:
+        raise M2DError(f"{model}: weights do not match the {config.model_type} mapping "
+                       f"(missing {missing[:3]}, not mapped {unused[:3]})")
+    layout = _write_layout(parallel)
+    _start_parallel_state(layout)
+    chunks, objects, shapes = _meta_model_chunks(config, dtype, layout, vocab_rows)
+    if not set(shapes) <= set(table):
+        raise M2DError(f"internal error: Megatron parameters without a mapping: {sorted(set(shapes) - set(table))[:3]}")
+    import torch.distributed as dist
+
+    group = dist.group.WORLD if dist.get_world_size() > 1 else None
+    with _shared_output_directory(out, overwrite) as (tmp, coordinator):
+        save_streaming(tmp, chunks, objects, _ParameterSource(ckpt, table, shapes, dtype), process_group=group)
+        if coordinator:
+            provider = ProviderConfig(config, parallel, vocab_rows, dtype)
+            write_json(tmp / META, provider.to_json(source=str(Path(model).resolve()), m2d_version=__version__,
+                                                   written_layout=vars(layout)))
+            (tmp / SIDE_FILES_DIR).mkdir()
+            copy_side_files(ckpt.path, tmp / SIDE_FILES_DIR)
     return out
+
+
+def _by_layer(chunks: list[Chunk]) -> dict[str, list[Chunk]]:
+    groups: dict[str, list[Chunk]] = {}
+    for c in chunks:
+        parts = c.param.split(".")
+        group = ".".join(parts[:3]) if parts[:2] == ["decoder", "layers"] else "globals"
+        groups.setdefault(group, []).append(c)
+    return groups
 
 
 def megatron_to_hf_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    from megatron.core import dist_checkpointing
-
+    """Export a Megatron-Core checkpoint (converted by us, or saved by Megatron training under any layout) to HF
+    safetensors, one decoder layer in memory at a time."""
     checkpoint, out = Path(checkpoint), check_output_path(out, overwrite)
-    try:
-        meta = json.loads((checkpoint / META).read_text())
-    except (OSError, json.JSONDecodeError):
-        raise M2DError(f"{checkpoint} is not a checkpoint written by `m2d convert hf-to-megatron` (no {META})") from None
-    values = dict(meta["hf_config"])
-    config: PretrainedConfig = AutoConfig.for_model(values.pop("model_type"), **values)
-    dtype = getattr(torch, meta["dtype"])
-    _ensure_parallel_state(1, 1)
-    megatron = build_gpt_model(config, params_dtype=dtype)
-    state = dist_checkpointing.load(megatron.sharded_state_dict(), str(checkpoint))
-    tensors = {k: v for k, v in state.items() if torch.is_tensor(v) and not k.endswith("_extra_state")}
+    provider = read_provider_config(checkpoint)
+    config, dtype = provider.hf_config, provider.dtype
+    reader = ChunkReader(checkpoint)
+    _start_parallel_state(ParallelSizes())
+    chunks, _, shapes = _meta_model_chunks(config, dtype, ParallelSizes(), provider.vocab_rows)
+    table = table_for(config, provider.vocab_rows)
     with atomic_directory(out, overwrite) as tmp:
         writer = ShardedWriter(tmp)
-        for name, tensor in mapping_for(config).megatron_to_hf(tensors, config).items():
-            writer.add(name, tensor.to(dtype))
+        for group in _by_layer(chunks).values():
+            values = reader.read(group)
+            params: dict[str, torch.Tensor] = {}
+            for c in group:
+                if c.param not in params:
+                    params[c.param] = torch.empty(shapes[c.param], dtype=dtype)
+                c.put(params[c.param], values[(c.key, c.offsets)])
+            for name, tensor in params.items():
+                for hf_name, value in table[name].to_hf(tensor, config).items():
+                    writer.add(hf_name, value.to(dtype))
         writer.close()
         config.save_pretrained(tmp)
-        copy_side_files(checkpoint / "hf_side_files", tmp)
+        side = checkpoint / SIDE_FILES_DIR
+        if side.is_dir():
+            copy_side_files(side, tmp)
+        _write_export_card(tmp, checkpoint, provider)
     return out
+
+
+def _write_export_card(directory: Path, checkpoint: Path, provider: ProviderConfig) -> None:
+    (directory / "README.md").write_text(
+        f"---\nlibrary_name: transformers\ntags: [megatron_m2d]\n---\n# {provider.hf_config.model_type} "
+        f"exported from Megatron-Core\n\nExported by megatron_m2d {__version__} (`m2d convert megatron-to-hf`) "
+        f"from the Megatron-Core distributed checkpoint `{checkpoint.resolve()}`, whose provider config targets "
+        f"TP {provider.parallel.tp} / PP {provider.parallel.pp} / EP {provider.parallel.ep}. Weights are "
+        f"{str(provider.dtype).removeprefix('torch.')}; the padded vocabulary ({provider.vocab_rows} rows) was "
+        f"cut back to {provider.hf_config.vocab_size}.\n")

@@ -1,0 +1,271 @@
+"""Megatron-Core's `torch_dist` checkpoint format, written and read one tensor at a time.
+
+megatron-core's own `dist_checkpointing.save` needs the whole model materialised (and, in 0.16.1, CUDA); a 30B
+teacher must convert on a machine with less RAM than the model. The format is PyTorch Distributed Checkpoint
+(DCP) under Megatron's keys plus two small files, so we drive DCP's public planner/storage interfaces directly:
+the plan (keys, global shapes, chunk offsets) comes from the Megatron model built on the meta device, and each
+chunk's data is computed from the HF shards only when the writer asks for it, in model order, a bounded number of
+bytes per file. Reading back uses DCP's resharding reads, so any TP/PP/EP layout Megatron saved is readable.
+
+On disk: `.metadata` (DCP, pickled by torch), `__{rank}_{n}.distcp`, `metadata.json` (Megatron's backend tag) and
+`common.pt` (Megatron's non-sharded state, empty for a bare model). We never unpickle anything but `.metadata`,
+and that through an allowlist of DCP's metadata classes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import queue
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, MetadataIndex, TensorProperties,
+                                                   TensorStorageMetadata)
+from torch.distributed.checkpoint.planner import (LoadPlan, LoadPlanner, SavePlan, TensorWriteData, WriteItem,
+                                                  WriteItemType)
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+from megatron_m2d.errors import M2DError
+
+MEGATRON_BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
+                    "common_backend_version": 1}
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One main-replica chunk of one model parameter, as Megatron's sharded state dict describes it."""
+    key: str  # checkpoint key (shared by all layers / experts: they are axes of the global tensor)
+    offsets: tuple[int, ...]  # position in the global tensor, prepended layer/expert axes included
+    sizes: tuple[int, ...]  # its extent (1 along prepended axes)
+    global_shape: tuple[int, ...]
+    dtype: torch.dtype
+    param: str  # the model parameter it is a view of
+    view: tuple[tuple[int, ...], tuple[int, ...], int]  # (size, stride, storage offset) inside that parameter
+
+    def take(self, param: torch.Tensor) -> torch.Tensor:
+        """This chunk's values out of the full (contiguous) parameter."""
+        size, stride, offset = self.view
+        return param.as_strided(size, stride, offset).reshape(self.sizes)
+
+    def put(self, param: torch.Tensor, values: torch.Tensor) -> None:
+        size, stride, offset = self.view
+        param.as_strided(size, stride, offset).copy_(values.reshape(size))
+
+
+@dataclass(frozen=True)
+class ObjectChunk:
+    """A non-tensor entry (a layer's `_extra_state`): stored as torch.save([data]) bytes, as Megatron does."""
+    key: str
+    data: Any
+
+
+def model_chunks(model) -> tuple[list[Chunk], list[ObjectChunk], dict[str, torch.Size]]:
+    """This rank's main-replica chunks of a Megatron model (built on the meta device: nothing is allocated),
+    with the shape of every parameter they view."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import (ShardedObject, ShardedTensor, apply_factories,
+                                                          is_main_replica)
+
+    params = model.state_dict(keep_vars=True)
+    sharded = model.sharded_state_dict()
+    apply_factories(sharded)  # e.g. SwiGLU fc1 -> separate gate and up chunks (they shard separately under TP)
+    chunks, objects = [], []
+    for name, value in sharded.items():
+        for item in nested_values([value]):
+            if not is_main_replica(item.replica_id):
+                continue
+            if isinstance(item, ShardedObject):
+                objects.append(ObjectChunk(item.unique_key, item.data))
+                continue
+            if not isinstance(item, ShardedTensor) or item.flattened_range is not None:
+                raise M2DError(f"internal error: unexpected sharded entry {type(item).__name__} for {name}")
+            base = params[name]
+            data = item.data
+            if data is not base and data._base is not base:
+                raise M2DError(f"internal error: sharded tensor of {name} is not a view of the parameter")
+            sizes = (1,) * item.prepend_axis_num + tuple(item.local_shape)
+            chunks.append(Chunk(item.key, tuple(item.global_offset), sizes, tuple(item.global_shape), data.dtype,
+                                name, (tuple(data.shape), tuple(data.stride()), data.storage_offset())))
+    return chunks, objects, {name: p.shape for name, p in params.items() if torch.is_tensor(p)}
+
+
+class _StreamingSavePlanner(DefaultSavePlanner):
+    """Plans the chunks given up front; `resolve_data` computes each chunk only when the writer reaches it."""
+
+    def __init__(self, chunks: list[Chunk], objects: list[ObjectChunk], compute: Callable[[Chunk], torch.Tensor]):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self._chunks = {(c.key, c.offsets): c for c in chunks}
+        self._objects = {o.key: o for o in objects}
+        self._items = [WriteItem(index=MetadataIndex(o.key), type=WriteItemType.BYTE_IO) for o in objects]
+        self._items += [WriteItem(index=MetadataIndex(c.key, torch.Size(c.offsets)), type=WriteItemType.SHARD,
+                                  tensor_data=TensorWriteData(
+                                      chunk=ChunkStorageMetadata(torch.Size(c.offsets), torch.Size(c.sizes)),
+                                      properties=TensorProperties(dtype=c.dtype), size=torch.Size(c.global_shape)))
+                        for c in chunks]
+        self._compute = compute
+
+    def set_up_planner(self, state_dict, storage_meta=None, is_coordinator=False) -> None:
+        self.is_coordinator = is_coordinator
+
+    def create_local_plan(self) -> SavePlan:
+        self.plan = SavePlan(self._items)
+        return self.plan
+
+    def resolve_data(self, write_item: WriteItem):
+        if write_item.type == WriteItemType.BYTE_IO:
+            buffer = io.BytesIO()
+            torch.save([self._objects[write_item.index.fqn].data], buffer)
+            return buffer
+        return self._compute(self._chunks[(write_item.index.fqn, tuple(write_item.index.offset))])
+
+
+class _BoundedFileWriter(FileSystemWriter):
+    """DCP's writer keeps every tensor of a file alive until the file is closed, and orders one file per rank by
+    size: we cut files at `max_bytes` in plan (= model) order, so memory stays one file's worth."""
+
+    def __init__(self, path, max_bytes: int):
+        super().__init__(path, single_file_per_rank=True, sync_files=False, thread_count=1,
+                         per_thread_copy_ahead=0)
+        self.max_bytes = max_bytes
+
+    def write_data(self, plan, planner):
+        if not hasattr(self, "_write_data"):  # a torch without the split we rely on: one file per chunk
+            self.single_file_per_rank = False
+            return super().write_data(plan, planner)
+        files: queue.Queue = queue.Queue()
+        bucket, size, count = [], 0, 0
+
+        def flush():
+            nonlocal bucket, size, count
+            if bucket:
+                name = f"{plan.storage_data.prefix}{count}.distcp"
+                files.put((self.fs.concat_path(self.path, name), name, bucket))
+                bucket, size, count = [], 0, count + 1
+
+        for item in plan.items:
+            item_bytes = 0 if item.type == WriteItemType.BYTE_IO else (item.tensor_storage_size() or 0)
+            if size and size + item_bytes > self.max_bytes:
+                flush()
+            bucket.append(item)
+            size += item_bytes
+        flush()
+        return self._write_data(planner, files)
+
+
+def save_streaming(path: Path, chunks: list[Chunk], objects: list[ObjectChunk],
+                   compute: Callable[[Chunk], torch.Tensor], process_group=None, max_file_bytes: int = 2 << 30) -> None:
+    """Write a Megatron `torch_dist` checkpoint whose chunk data `compute` produces on demand. Collective over
+    `process_group` when given (each rank passes its own chunks; the coordinator writes the metadata)."""
+    import torch.distributed.checkpoint as dcp
+
+    path.mkdir(parents=True, exist_ok=True)
+    dcp.save({}, storage_writer=_BoundedFileWriter(path, max_file_bytes),
+             planner=_StreamingSavePlanner(chunks, objects, compute), process_group=process_group,
+             no_dist=process_group is None)
+    rank = torch.distributed.get_rank(process_group) if process_group is not None else 0
+    if rank == 0:
+        (path / "metadata.json").write_text(json.dumps(MEGATRON_BACKEND))
+        torch.save({}, path / "common.pt")  # Megatron's loader expects it; nothing of a bare model is common
+
+
+# ---- reading ----------------------------------------------------------------------------------------------
+
+_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+                     "torch.distributed.checkpoint.planner", "torch.distributed.checkpoint._extension",
+                     "torch.distributed.checkpoint.storage", "collections", "torch._utils")
+_METADATA_NAMES = {("torch", "Size"), ("torch", "device"), ("torch", "layout"), ("torch", "memory_format"),
+                   ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+                   ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "getattr"), ("builtins", "slice")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """`.metadata` is a pickle (DCP's format): allow DCP's metadata classes and torch dtypes, nothing else."""
+
+    def find_class(self, module, name):
+        if module in _METADATA_MODULES or (module, name) in _METADATA_NAMES or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise M2DError(f"refusing to unpickle {module}.{name} from a checkpoint's .metadata")
+
+
+class _SafeReader(FileSystemReader):
+    def read_metadata(self, *args, **kwargs):
+        path = Path(self.path) / ".metadata"
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except FileNotFoundError:
+            raise M2DError(f"{self.path} is not a Megatron distributed checkpoint (no .metadata)") from None
+        except (pickle.UnpicklingError, EOFError, AttributeError) as e:
+            raise M2DError(f"{path} is unreadable ({e})") from None
+        metadata.storage_meta = getattr(metadata, "storage_meta", None)
+        return metadata
+
+
+class _ChunkLoadPlanner(LoadPlanner):
+    """Reads the requested (key, offsets) -> destination tensors, resharding from whatever chunks were saved."""
+
+    def __init__(self, requests: dict[tuple[str, tuple[int, ...]], torch.Tensor]):
+        self.requests = requests
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator=False) -> None:
+        self.metadata = metadata
+
+    def create_local_plan(self) -> LoadPlan:
+        items = []
+        for (key, offsets), dest in self.requests.items():
+            stored = self.metadata.state_dict_metadata.get(key)
+            if not isinstance(stored, TensorStorageMetadata):
+                raise M2DError(f"checkpoint has no tensor {key!r}")
+            chunk = ChunkStorageMetadata(torch.Size(offsets), dest.shape)
+            items += create_read_items_for_chunk_list(key, stored, [chunk])  # dest_index = (key, offsets)
+        return LoadPlan(items)
+
+    def create_global_plan(self, global_plan):
+        return global_plan
+
+    def finish_plan(self, central_plan):
+        return central_plan
+
+    def load_bytes(self, read_item, value) -> None:
+        raise M2DError("internal error: object reads are not planned")
+
+    def resolve_tensor(self, read_item):
+        dest = self.requests[(read_item.dest_index.fqn, tuple(read_item.dest_index.offset))]
+        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+            dest = dest.narrow(dim, start, length)
+        return dest
+
+    def commit_tensor(self, read_item, tensor) -> None:
+        pass  # resolve_tensor handed out a view of the destination; the reader copied into it
+
+
+class ChunkReader:
+    """Reads chunks of a `torch_dist` checkpoint (ours or one Megatron saved under any TP/PP/EP)."""
+
+    def __init__(self, path: Path):
+        self.reader = _SafeReader(str(path))
+        self.metadata = self.reader.read_metadata()
+        self.reader.set_up_storage_reader(self.metadata, True)
+
+    def keys(self) -> Iterable[str]:
+        return self.metadata.state_dict_metadata.keys()
+
+    def global_shape(self, key: str) -> tuple[int, ...] | None:
+        stored = self.metadata.state_dict_metadata.get(key)
+        return tuple(stored.size) if isinstance(stored, TensorStorageMetadata) else None
+
+    def read(self, chunks: list[Chunk]) -> dict[tuple[str, tuple[int, ...]], torch.Tensor]:
+        requests = {(c.key, c.offsets): torch.empty(c.sizes, dtype=c.dtype) for c in chunks}
+        planner = _ChunkLoadPlanner(requests)
+        planner.set_up_planner({}, self.metadata, True)
+        plan = self.reader.prepare_local_plan(planner.create_local_plan())
+        plan = planner.finish_plan(self.reader.prepare_global_plan([plan])[0])
+        self.reader.read_data(plan, planner).wait()
+        return requests

@@ -1,0 +1,87 @@
+"""The model-provider config that travels with a converted checkpoint (`m2d_convert.json`), and what builds and
+loads the matching Megatron model from it: what a Megatron training script (our distillation) calls.
+
+    provider = model_provider("ckpt/teacher")                 # after parallel_state.initialize_model_parallel
+    model = provider(vp_stage=None)                           # this rank's stage, any TP/PP/EP
+    load_checkpoint(model, "ckpt/teacher")                    # resharded by megatron-core on load
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+from megatron_m2d.convert.parallel import ParallelSizes
+from megatron_m2d.errors import M2DError
+
+META = "m2d_convert.json"
+FORMAT = "m2d-megatron/2"
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    hf_config: PretrainedConfig
+    parallel: ParallelSizes  # the sizes it was converted for (any other loads too)
+    vocab_rows: int  # padded vocabulary of the Megatron embedding / output layer
+    dtype: torch.dtype
+
+    def to_json(self, **extra) -> dict:
+        return {"format": FORMAT, "hf_config": self.hf_config.to_dict(), "parallel": vars(self.parallel),
+                "vocab_rows": self.vocab_rows, "dtype": str(self.dtype).removeprefix("torch."), **extra}
+
+
+def read_provider_config(checkpoint: str | Path) -> ProviderConfig:
+    path = Path(checkpoint) / META
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise M2DError(f"{checkpoint} is not a checkpoint written by `m2d convert hf-to-megatron` (no {META})") from None
+    if meta.get("format") != FORMAT:
+        raise M2DError(f"{path}: format {meta.get('format')!r}, this version reads {FORMAT!r}; convert again")
+    values = dict(meta["hf_config"])
+    config = AutoConfig.for_model(values.pop("model_type"), **values)
+    return ProviderConfig(config, ParallelSizes(**meta["parallel"]), int(meta["vocab_rows"]), getattr(torch, meta["dtype"]))
+
+
+def model_provider(checkpoint: str | Path, params_dtype: torch.dtype | None = None, parallel_output: bool = True,
+                   use_te: bool | None = None):
+    """A Megatron-style provider: (vp_stage=None) -> this rank's GPTModel, sized by the current parallel state."""
+    from megatron.core import parallel_state
+
+    from megatron_m2d.convert.megatron_model import build_gpt_model
+
+    provider = read_provider_config(checkpoint)
+
+    def build(vp_stage: int | None = None):
+        sizes = ParallelSizes(tp=parallel_state.get_tensor_model_parallel_world_size(),
+                              pp=parallel_state.get_pipeline_model_parallel_world_size(),
+                              ep=parallel_state.get_expert_model_parallel_world_size(),
+                              vpp=parallel_state.get_virtual_pipeline_model_parallel_world_size())
+        return build_gpt_model(provider.hf_config, params_dtype or provider.dtype, sizes, provider.vocab_rows,
+                               vp_stage=vp_stage, parallel_output=parallel_output, use_te=use_te)
+
+    return build
+
+
+def load_checkpoint(model, checkpoint: str | Path) -> None:
+    """Load a converted checkpoint into a Megatron model of any parallel layout and either layer spec. Extra
+    states (Transformer Engine's FP8 metadata) that the checkpoint does not hold start fresh; every weight must
+    be there."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from megatron_m2d.convert.dcp_stream import ChunkReader
+
+    stored = set(ChunkReader(Path(checkpoint)).keys())
+    sharded = model.sharded_state_dict()
+    sharded = {k: v for k, v in sharded.items()
+               if not (isinstance(v, ShardedObject) and v.unique_key not in stored)}
+    state = dist_checkpointing.load(sharded, str(checkpoint))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise M2DError(f"checkpoint does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
