@@ -5,7 +5,7 @@ megatron-core assumes CUDA in a few places that a forward pass on CPU reaches:
 - attention forks the CUDA RNG tracker (for dropout, which is 0 here);
 - the default causal mask is built on device "cuda" (avoided by passing an explicit mask);
 - 0.16.1 only: the MoE router names `te_general_gemm`, defined only when Transformer Engine imports;
-- the distributed-checkpoint writer calls torch.cuda.synchronize() after its host copies.
+- megatron-core's own distributed-checkpoint writer (used by tests that compare formats) calls\n  torch.cuda.synchronize() after its host copies.
 """
 
 from __future__ import annotations
@@ -37,39 +37,55 @@ def apply_cpu_patches(setattr_=setattr) -> None:
         setattr(moe_utils, "te_general_gemm", None)
 
 
-def tp_logits_worker(rank: int, world: int, port: int, checkpoint: str, ids_path: str, out_path: str,
-                     expert_parallel: bool = False) -> None:
-    """One rank of a parallel forward: load an m2d Megatron checkpoint at TP=world (or EP=world with
-    expert_parallel), save rank 0's logits."""
-    import json
-
+def parallel_worker(rank: int, world: int, port: int, task: dict) -> None:
+    """One rank of a multi-process run on gloo. With task["hf"]: convert it to task["checkpoint"] at
+    task["sizes"], each rank writing its shard. Otherwise: load task["checkpoint"] at task["sizes"] (resharding)
+    and save the logits of task["ids"] to task["logits"] (PP: stage to stage by hand, since Megatron's pipeline
+    schedules allocate on CUDA)."""
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing, parallel_state
-    from transformers import AutoConfig
+    from megatron.core import parallel_state
 
-    from megatron_m2d.convert.megatron_model import build_gpt_model
+    from megatron_m2d.convert.checkpoint import hf_to_megatron_checkpoint
+    from megatron_m2d.convert.parallel import ParallelSizes
+    from megatron_m2d.convert.provider import load_checkpoint, model_provider
 
     apply_cpu_patches()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    if expert_parallel:
-        parallel_state.initialize_model_parallel(1, 1, expert_model_parallel_size=world)
-    else:
-        parallel_state.initialize_model_parallel(world, 1)
-    meta = json.loads((Path(checkpoint) / "m2d_convert.json").read_text())
-    values = dict(meta["hf_config"])
-    config = AutoConfig.for_model(values.pop("model_type"), **values)
-    model = build_gpt_model(config, parallel_output=False)
-    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), checkpoint), strict=False)
-    model.eval()
-    ids = torch.load(ids_path, weights_only=True)
-    with torch.no_grad():
-        logits = model(ids, torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids),
-                       attention_mask=causal_mask(ids.shape[1]))
-    if rank == 0:
-        torch.save(logits, out_path)
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
+    sizes = ParallelSizes(**task["sizes"])
+    try:
+        if task.get("hf"):
+            hf_to_megatron_checkpoint(task["hf"], task["checkpoint"], sizes)
+            return
+        parallel_state.initialize_model_parallel(sizes.tp, sizes.pp, expert_model_parallel_size=sizes.ep)
+        model = model_provider(task["checkpoint"], params_dtype=torch.float32, parallel_output=False)()
+        load_checkpoint(model, task["checkpoint"])
+        model.eval()
+        ids = torch.load(task["ids"], weights_only=True)
+        positions, mask = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids), causal_mask(ids.shape[1])
+        with torch.no_grad():
+            if sizes.pp == 1:
+                output = model(ids, positions, attention_mask=mask)
+            elif parallel_state.is_pipeline_first_stage():
+                dist.send(model(ids, positions, attention_mask=mask).contiguous(), rank + 1)
+            else:
+                hidden = torch.empty(ids.shape[1], ids.shape[0], model.config.hidden_size)
+                dist.recv(hidden, rank - 1)
+                model.set_input_tensor(hidden)
+                output = model(ids, positions, attention_mask=mask)
+        if rank == (world - 1 if sizes.pp > 1 else 0):
+            torch.save(output, task["logits"])
+    finally:
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def run_parallel(world: int, **task) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(parallel_worker, args=(world, free_port(), {k: str(v) if isinstance(v, Path) else v
+                                                         for k, v in task.items()}), nprocs=world, join=True)
 
 
 @pytest.fixture
@@ -80,7 +96,6 @@ def megatron_cpu(monkeypatch):
     from megatron.core import parallel_state
 
     apply_cpu_patches(monkeypatch.setattr)
-    monkeypatch.setenv("M2D_ALLOW_CPU_CHECKPOINT_WRITE", "1")  # the writer's CUDA sync is patched above
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)

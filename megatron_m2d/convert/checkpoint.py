@@ -74,30 +74,30 @@ def _write_layout(parallel: ParallelSizes) -> ParallelSizes:
 
 def _meta_model_chunks(config, dtype, parallel: ParallelSizes, vocab_rows: int):
     """All chunks this rank holds, over its virtual pipeline stages; nothing is allocated."""
-    chunks, objects, shapes = [], [], {}
+    chunks, objects = [], []
     for vp_stage in range(parallel.vpp) if parallel.vpp else [None]:
         with torch.device("meta"):
             model = build_gpt_model(config, dtype, parallel, vocab_rows, vp_stage=vp_stage, use_te=False)
-        c, o, s = model_chunks(model)
-        chunks, objects, shapes = chunks + c, objects + o, shapes | s
-    return chunks, objects, shapes
+        c, o = model_chunks(model)
+        chunks, objects = chunks + c, objects + o
+    return chunks, objects
 
 
 class _ParameterSource:
     """Computes Megatron parameters from the HF shards; keeps the last one, since a parameter's chunks (e.g.
     fc1's gate and up halves) are written one after the other."""
 
-    def __init__(self, ckpt: Checkpoint, table, shapes, dtype):
-        self.ckpt, self.table, self.shapes, self.dtype = ckpt, table, shapes, dtype
+    def __init__(self, ckpt: Checkpoint, table, dtype):
+        self.ckpt, self.table, self.dtype = ckpt, table, dtype
         self.name, self.value = None, None
 
     def __call__(self, chunk: Chunk) -> torch.Tensor:
         if chunk.param != self.name:
             spec = self.table[chunk.param]
             value = spec.to_megatron([self.ckpt.get(s) for s in spec.sources()], self.ckpt.config)
-            if tuple(value.shape) != tuple(self.shapes[chunk.param]):
+            if tuple(value.shape) != chunk.param_shape:
                 raise M2DError(f"{chunk.param}: HF tensors give shape {tuple(value.shape)}, the Megatron model "
-                               f"expects {tuple(self.shapes[chunk.param])} (config and weights disagree)")
+                               f"expects {chunk.param_shape} (config and weights disagree)")
             self.name, self.value = chunk.param, value.to(self.dtype).contiguous()
         return chunk.take(self.value)
 
@@ -150,14 +150,15 @@ def hf_to_megatron_checkpoint(model: str | Path, out: str | Path, parallel: Para
                        f"(missing {missing[:3]}, not mapped {unused[:3]})")
     layout = _write_layout(parallel)
     _start_parallel_state(layout)
-    chunks, objects, shapes = _meta_model_chunks(config, dtype, layout, vocab_rows)
-    if not set(shapes) <= set(table):
-        raise M2DError(f"internal error: Megatron parameters without a mapping: {sorted(set(shapes) - set(table))[:3]}")
+    chunks, objects = _meta_model_chunks(config, dtype, layout, vocab_rows)
+    unmapped = sorted({c.param for c in chunks} - set(table))
+    if unmapped:
+        raise M2DError(f"internal error: Megatron parameters without a mapping: {unmapped[:3]}")
     import torch.distributed as dist
 
     group = dist.group.WORLD if dist.get_world_size() > 1 else None
     with _shared_output_directory(out, overwrite) as (tmp, coordinator):
-        save_streaming(tmp, chunks, objects, _ParameterSource(ckpt, table, shapes, dtype), process_group=group)
+        save_streaming(tmp, chunks, objects, _ParameterSource(ckpt, table, dtype), process_group=group)
         if coordinator:
             provider = ProviderConfig(config, parallel, vocab_rows, dtype)
             write_json(tmp / META, provider.to_json(source=str(Path(model).resolve()), m2d_version=__version__,
@@ -184,7 +185,7 @@ def megatron_to_hf_checkpoint(checkpoint: str | Path, out: str | Path, overwrite
     config, dtype = provider.hf_config, provider.dtype
     reader = ChunkReader(checkpoint)
     _start_parallel_state(ParallelSizes())
-    chunks, _, shapes = _meta_model_chunks(config, dtype, ParallelSizes(), provider.vocab_rows)
+    chunks, _ = _meta_model_chunks(config, dtype, ParallelSizes(), provider.vocab_rows)
     table = table_for(config, provider.vocab_rows)
     with atomic_directory(out, overwrite) as tmp:
         writer = ShardedWriter(tmp)
@@ -193,7 +194,7 @@ def megatron_to_hf_checkpoint(checkpoint: str | Path, out: str | Path, overwrite
             params: dict[str, torch.Tensor] = {}
             for c in group:
                 if c.param not in params:
-                    params[c.param] = torch.empty(shapes[c.param], dtype=dtype)
+                    params[c.param] = torch.empty(c.param_shape, dtype=dtype)
                 c.put(params[c.param], values[(c.key, c.offsets)])
             for name, tensor in params.items():
                 for hf_name, value in table[name].to_hf(tensor, config).items():

@@ -39,23 +39,30 @@ MEGATRON_BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 
 
 @dataclass(frozen=True)
 class Chunk:
-    """One main-replica chunk of one model parameter, as Megatron's sharded state dict describes it."""
-    key: str  # checkpoint key (shared by all layers / experts: they are axes of the global tensor)
-    offsets: tuple[int, ...]  # position in the global tensor, prepended layer/expert axes included
+    """One main-replica chunk of one model parameter, as Megatron's sharded state dict describes it. The global
+    tensor of a key is the unsharded (TP1) parameter with the layer / expert axes prepended, so a chunk is a
+    plain slice of the full parameter whatever TP/EP/PP wrote it."""
+    key: str  # checkpoint key (shared by all layers / experts when those are prepended axes)
+    offsets: tuple[int, ...]  # position in the global tensor, prepended axes included
     sizes: tuple[int, ...]  # its extent (1 along prepended axes)
     global_shape: tuple[int, ...]
+    prepend: int  # number of prepended (layer / expert) axes
     dtype: torch.dtype
-    param: str  # the model parameter it is a view of
-    view: tuple[tuple[int, ...], tuple[int, ...], int]  # (size, stride, storage offset) inside that parameter
+    param: str  # the full parameter's name, with global layer and expert numbers (the family tables' names)
+
+    @property
+    def param_shape(self) -> tuple[int, ...]:
+        return self.global_shape[self.prepend:]
+
+    def _slices(self) -> tuple[slice, ...]:
+        return tuple(slice(o, o + n) for o, n in zip(self.offsets[self.prepend:], self.sizes[self.prepend:]))
 
     def take(self, param: torch.Tensor) -> torch.Tensor:
-        """This chunk's values out of the full (contiguous) parameter."""
-        size, stride, offset = self.view
-        return param.as_strided(size, stride, offset).reshape(self.sizes)
+        """This chunk's values out of the full parameter."""
+        return param[self._slices()].reshape(self.sizes)
 
     def put(self, param: torch.Tensor, values: torch.Tensor) -> None:
-        size, stride, offset = self.view
-        param.as_strided(size, stride, offset).copy_(values.reshape(size))
+        param[self._slices()] = values.reshape(self.sizes[self.prepend:])
 
 
 @dataclass(frozen=True)
@@ -65,14 +72,12 @@ class ObjectChunk:
     data: Any
 
 
-def model_chunks(model) -> tuple[list[Chunk], list[ObjectChunk], dict[str, torch.Size]]:
-    """This rank's main-replica chunks of a Megatron model (built on the meta device: nothing is allocated),
-    with the shape of every parameter they view."""
+def model_chunks(model) -> tuple[list[Chunk], list[ObjectChunk]]:
+    """This rank's main-replica chunks of a Megatron model (built on the meta device: nothing is allocated)."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import (ShardedObject, ShardedTensor, apply_factories,
                                                           is_main_replica)
 
-    params = model.state_dict(keep_vars=True)
     sharded = model.sharded_state_dict()
     apply_factories(sharded)  # e.g. SwiGLU fc1 -> separate gate and up chunks (they shard separately under TP)
     chunks, objects = [], []
@@ -85,14 +90,23 @@ def model_chunks(model) -> tuple[list[Chunk], list[ObjectChunk], dict[str, torch
                 continue
             if not isinstance(item, ShardedTensor) or item.flattened_range is not None:
                 raise M2DError(f"internal error: unexpected sharded entry {type(item).__name__} for {name}")
-            base = params[name]
-            data = item.data
-            if data is not base and data._base is not base:
-                raise M2DError(f"internal error: sharded tensor of {name} is not a view of the parameter")
             sizes = (1,) * item.prepend_axis_num + tuple(item.local_shape)
-            chunks.append(Chunk(item.key, tuple(item.global_offset), sizes, tuple(item.global_shape), data.dtype,
-                                name, (tuple(data.shape), tuple(data.stride()), data.storage_offset())))
-    return chunks, objects, {name: p.shape for name, p in params.items() if torch.is_tensor(p)}
+            chunks.append(Chunk(item.key, tuple(item.global_offset), sizes, tuple(item.global_shape),
+                                item.prepend_axis_num, item.data.dtype, _global_name(name, item)))
+    return chunks, objects
+
+
+def _global_name(name: str, item) -> str:
+    """A rank's parameter names count its own layers and experts from 0 (pipeline / expert parallel). The
+    global numbers are in the checkpoint key (`decoder.layers.3.` when layers differ, e.g. dense and MoE) or
+    along its prepended axes (layer first, expert last)."""
+    parts, key = name.split("."), item.key.split(".")
+    prepended = list(item.global_offset[:item.prepend_axis_num])
+    if "local_experts" in parts:
+        parts[parts.index("local_experts") + 1] = str(prepended.pop())
+    if parts[:2] == ["decoder", "layers"]:
+        parts[2] = key[2] if len(key) > 2 and key[2].isdigit() else str(prepended.pop(0))
+    return ".".join(parts)
 
 
 class _StreamingSavePlanner(DefaultSavePlanner):

@@ -76,7 +76,8 @@ def build_gpt_model(config, params_dtype: torch.dtype = torch.float32, parallel:
     parallel = parallel or ParallelSizes()
     kwargs = transformer_config_kwargs(config)
     transformer = TransformerConfig(**kwargs, **parallel.transformer_config_kwargs("num_moe_experts" in kwargs),
-                                    params_dtype=params_dtype, use_cpu_initialization=use_cpu_initialization)
+                                    params_dtype=params_dtype, pipeline_dtype=params_dtype,
+                                    use_cpu_initialization=use_cpu_initialization)
     use_te = te_available() if use_te is None else use_te
     block = get_gpt_decoder_block_spec(transformer, use_transformer_engine=use_te, normalization="RMSNorm",
                                        vp_stage=vp_stage)

@@ -52,7 +52,9 @@ def moe_config_kwargs(config) -> dict:
     kwargs = dict(num_moe_experts=family.num_experts(config), moe_router_topk=family.top_k(config),
                   moe_ffn_hidden_size=family.expert_width(config),
                   moe_router_pre_softmax=not family.renormalizes(config),
-                  moe_layer_freq=[int(i in moe_layers) for i in range(config.num_hidden_layers)],
+                  # a list only when layers differ: it changes the checkpoint keys (per-layer, not stacked)
+                  moe_layer_freq=1 if len(moe_layers) == config.num_hidden_layers else
+                  [int(i in moe_layers) for i in range(config.num_hidden_layers)],
                   moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
                   # allgather: the alltoall dispatcher needs CUDA streams; the same tokens reach the same experts
                   moe_token_dispatcher_type="allgather")
