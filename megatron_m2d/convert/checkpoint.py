@@ -87,8 +87,8 @@ class _ParameterSource:
     """Computes Megatron parameters from the HF shards; keeps the last one, since a parameter's chunks (e.g.
     fc1's gate and up halves) are written one after the other."""
 
-    def __init__(self, ckpt: Checkpoint, table, dtype):
-        self.ckpt, self.table, self.dtype = ckpt, table, dtype
+    def __init__(self, ckpt: Checkpoint, table):
+        self.ckpt, self.table = ckpt, table
         self.name, self.value = None, None
 
     def __call__(self, chunk: Chunk) -> torch.Tensor:
@@ -98,7 +98,7 @@ class _ParameterSource:
             if tuple(value.shape) != chunk.param_shape:
                 raise M2DError(f"{chunk.param}: HF tensors give shape {tuple(value.shape)}, the Megatron model "
                                f"expects {chunk.param_shape} (config and weights disagree)")
-            self.name, self.value = chunk.param, value.to(self.dtype).contiguous()
+            self.name, self.value = chunk.param, value.to(chunk.dtype).contiguous()
         return chunk.take(self.value)
 
 
@@ -158,7 +158,7 @@ def hf_to_megatron_checkpoint(model: str | Path, out: str | Path, parallel: Para
 
     group = dist.group.WORLD if dist.get_world_size() > 1 else None
     with _shared_output_directory(out, overwrite) as (tmp, coordinator):
-        save_streaming(tmp, chunks, objects, _ParameterSource(ckpt, table, dtype), process_group=group)
+        save_streaming(tmp, chunks, objects, _ParameterSource(ckpt, table), process_group=group)
         if coordinator:
             provider = ProviderConfig(config, parallel, vocab_rows, dtype)
             write_json(tmp / META, provider.to_json(source=str(Path(model).resolve()), m2d_version=__version__,
@@ -194,11 +194,11 @@ def megatron_to_hf_checkpoint(checkpoint: str | Path, out: str | Path, overwrite
             params: dict[str, torch.Tensor] = {}
             for c in group:
                 if c.param not in params:
-                    params[c.param] = torch.empty(c.param_shape, dtype=dtype)
+                    params[c.param] = torch.empty(c.param_shape, dtype=c.dtype)
                 c.put(params[c.param], values[(c.key, c.offsets)])
             for name, tensor in params.items():
                 for hf_name, value in table[name].to_hf(tensor, config).items():
-                    writer.add(hf_name, value.to(dtype))
+                    writer.add(hf_name, value)  # the chunk's dtype: the model's, fp32 for V3's expert bias
         writer.close()
         config.save_pretrained(tmp)
         side = checkpoint / SIDE_FILES_DIR

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megatron_m2d.convert import dense_mapping, moe_mapping
+from megatron_m2d.convert import deepseek_mapping, dense_mapping, moe_mapping
 from megatron_m2d.convert.parallel import ParallelSizes
 from megatron_m2d.errors import M2DError
 
@@ -42,22 +42,47 @@ def _dense_kwargs(config) -> dict:
 
 def transformer_config_kwargs(config) -> dict:
     """TransformerConfig fields equivalent to a HF config (dense student or supported MoE teacher)."""
+    if config.model_type in deepseek_mapping.MODEL_TYPES:
+        return deepseek_mapping.config_kwargs(config)
     if moe_mapping.is_moe(config):
         _, twin = moe_mapping.check_supported(config)
         return {**_dense_kwargs(twin), **moe_mapping.moe_config_kwargs(config)}
     return _dense_kwargs(config)
 
 
-def _keep_moe_pre_mlp_norm_separate(block_spec) -> None:
-    """The local spec stores every layer's pre-MLP norm under TE's fused fc1 name; TE's MoE layers keep a
-    separate `pre_mlp_layernorm`. Align the local MoE layers with TE so checkpoints load in either spec."""
+def _align_local_keys_with_te(block_spec) -> None:
+    """Store each local-spec layer's norms under the names Transformer Engine's spec gives them, so one
+    checkpoint loads in either: TE fuses a norm into the linear that follows it (attention QKV, a dense fc1, MLA's
+    q/kv up-projections) but keeps MoE layers' pre-MLP norm and MLA's input norm separate. megatron-core's local
+    spec maps only the first two, and maps a MoE layer's pre-MLP norm as if it were fused."""
     from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.multi_latent_attention import MLASelfAttention
+
+    from megatron_m2d.convert.mla_attention import MLACoreAttention
 
     for layer in block_spec.layer_specs:
-        keys = getattr(layer.submodules, "sharded_state_dict_keys_map", None)
-        if keys and layer.submodules.mlp.module is MoELayer:
-            layer.submodules.sharded_state_dict_keys_map = {k: v for k, v in keys.items()
-                                                            if k != "pre_mlp_layernorm."}
+        sub = layer.submodules
+        keys = dict(getattr(sub, "sharded_state_dict_keys_map", None) or {})
+        if sub.self_attention.module is MLASelfAttention:
+            sub.self_attention.submodules.core_attention = MLACoreAttention  # local MLA attention (see there)
+            keys.pop("input_layernorm.", None)
+            keys |= {"self_attention.q_layernorm.": "self_attention.linear_q_up_proj.layer_norm_",
+                     "self_attention.kv_layernorm.": "self_attention.linear_kv_up_proj.layer_norm_"}
+        if sub.mlp.module is MoELayer:
+            keys.pop("pre_mlp_layernorm.", None)
+        else:
+            keys["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
+        sub.sharded_state_dict_keys_map = keys
+
+
+def _correct_mla_te_flag() -> None:
+    """megatron-core 0.16.1 sets multi_latent_attention.HAVE_TE whenever its TE extension module imports, which
+    it does without Transformer Engine (TE stood in by a MagicMock) once nvidia-modelopt is installed; MLA's
+    constructor then calls isinstance(x, <MagicMock>). Setting the flag to the truth (no TE) is all it needs."""
+    from megatron.core.transformer import multi_latent_attention as mla
+
+    if getattr(mla, "HAVE_TE", False) and not te_available():
+        mla.HAVE_TE = False
 
 
 def build_gpt_model(config, params_dtype: torch.dtype = torch.float32, parallel: ParallelSizes | None = None,
@@ -67,7 +92,7 @@ def build_gpt_model(config, params_dtype: torch.dtype = torch.float32, parallel:
     parallel state initialised with the sizes in `parallel`."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
     try:
         from megatron.core.models.gpt import GPTModel
@@ -75,18 +100,22 @@ def build_gpt_model(config, params_dtype: torch.dtype = torch.float32, parallel:
         raise M2DError(f"this megatron-core has no GPTModel ({e}); m2d builds GPT-style models with it") from None
     parallel = parallel or ParallelSizes()
     kwargs = transformer_config_kwargs(config)
-    transformer = TransformerConfig(**kwargs, **parallel.transformer_config_kwargs("num_moe_experts" in kwargs),
+    config_class = MLATransformerConfig if kwargs.get("multi_latent_attention") else TransformerConfig
+    transformer = config_class(**kwargs, **parallel.transformer_config_kwargs("num_moe_experts" in kwargs),
                                     params_dtype=params_dtype, pipeline_dtype=params_dtype,
                                     use_cpu_initialization=use_cpu_initialization)
     use_te = te_available() if use_te is None else use_te
     block = get_gpt_decoder_block_spec(transformer, use_transformer_engine=use_te, normalization="RMSNorm",
                                        vp_stage=vp_stage)
     if not use_te:
-        _keep_moe_pre_mlp_norm_separate(block)
+        _align_local_keys_with_te(block)
+        if kwargs.get("multi_latent_attention"):
+            _correct_mla_te_flag()
     rope = getattr(config, "rope_parameters", None) or {}
+    rotary_base = kwargs.get("rotary_base") or rope.get("rope_theta", getattr(config, "rope_theta", 10000))
     return GPTModel(transformer, block, vocab_size=vocab_rows or config.vocab_size,
                     max_sequence_length=config.max_position_embeddings, position_embedding_type="rope",
-                    rotary_base=int(rope.get("rope_theta", getattr(config, "rope_theta", 10000))),
+                    rotary_base=int(rotary_base),
                     share_embeddings_and_output_weights=bool(getattr(config, "tie_word_embeddings", False)),
                     parallel_output=parallel_output,
                     pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -96,6 +125,8 @@ def build_gpt_model(config, params_dtype: torch.dtype = torch.float32, parallel:
 
 def table_for(config, vocab_rows: int | None = None):
     """The family table (Megatron parameter name -> HF spec) of a dense student or MoE teacher."""
+    if config.model_type in deepseek_mapping.MODEL_TYPES:
+        return deepseek_mapping.table(config, vocab_rows)
     if moe_mapping.is_moe(config):
         return moe_mapping.table(config, vocab_rows)
     return dense_mapping.table(config, vocab_rows)

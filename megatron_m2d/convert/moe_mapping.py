@@ -25,8 +25,6 @@ REFUSED = {
              "qk_layernorm normalises each head separately",
     "gpt_oss": "not mapped yet: its attention sinks need megatron-core's learnable softmax (Transformer Engine "
                "fused attention only) and its hub experts are MXFP4-quantised",
-    "deepseek_v2": "not mapped yet (multi-latent attention)",
-    "deepseek_v3": "not mapped yet (multi-latent attention)",
 }
 
 
