@@ -5,7 +5,9 @@ megatron-core assumes CUDA in a few places that a forward pass on CPU reaches:
 - attention forks the CUDA RNG tracker (for dropout, which is 0 here);
 - the default causal mask is built on device "cuda" (avoided by passing an explicit mask);
 - 0.16.1 only: the MoE router names `te_general_gemm`, defined only when Transformer Engine imports;
-- megatron-core's own distributed-checkpoint writer (used by tests that compare formats) calls\n  torch.cuda.synchronize() after its host copies.
+- megatron-core creates the DeepSeek-V3 router's expert bias on torch.cuda.current_device();
+- megatron-core's own distributed-checkpoint writer (used by tests that compare formats) calls
+  torch.cuda.synchronize() after its host copies.
 """
 
 from __future__ import annotations

@@ -24,6 +24,29 @@ MOE_CASES = [("qwen3_moe", {}), ("qwen3_moe", {"norm_topk_prob": False}), ("mixt
              ("qwen2_moe", {"mlp_only_layers": [0]})]
 
 
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 0.707,
+        "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1, "rope_theta": 10000.0}
+
+
+def tiny_deepseek(path, model_type, **extra):
+    """DeepSeek-V2 (no q compression, softmax) or V3 (q LoRA, sigmoid + correction bias, group-limited top-k):
+    3 layers, the first dense; router weights and the correction bias large enough that routing matters."""
+    fields = dict(vocab_size=259, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                  first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
+                  num_experts_per_tok=2, n_shared_experts=1, kv_lora_rank=32, qk_rope_head_dim=8,
+                  qk_nope_head_dim=16, v_head_dim=16, n_group=2, topk_group=1, max_position_embeddings=256,
+                  q_lora_rank=None if model_type == "deepseek_v2" else 48, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**fields, **extra})).eval()
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if name.endswith("mlp.gate.weight") or name.endswith("e_score_correction_bias"):
+                tensor.normal_(0.0, 0.5 if name.endswith("weight") else 0.1)
+    model.save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
 def tiny_dense(path, model_type, **extra):
     fields = dict(vocab_size=259, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, tie_word_embeddings=False)
@@ -135,6 +158,36 @@ def test_moe_teacher_round_trip_and_logits(megatron_cpu, tiny, family, extra, tm
     assert_logits_match(megatron_logits(checkpoint, ids), hf_logits(teacher, ids), atol=1e-4)
 
 
+@pytest.mark.parametrize("model_type,extra", [("deepseek_v2", {}), ("deepseek_v3", {}),
+                                              ("deepseek_v3", {"rope_parameters": YARN})])
+def test_deepseek_teacher_round_trip_and_logits(megatron_cpu, model_type, extra, tmp_path):  # noqa: F811
+    """MLA (through our local core attention), a dense first layer, shared experts, V3's sigmoid routing with its
+    fp32 correction bias and group-limited top-k, yarn: bitwise back, and HF's logits at fp32 (1e-4)."""
+    from megatron_m2d.convert.checkpoint import hf_to_megatron_checkpoint, megatron_to_hf_checkpoint
+
+    teacher = tiny_deepseek(tmp_path / "hf", model_type, **extra)
+    checkpoint = hf_to_megatron_checkpoint(teacher, tmp_path / "megatron")
+    back = megatron_to_hf_checkpoint(checkpoint, tmp_path / "back")
+    original, restored = safetensors_dir(teacher), safetensors_dir(back)
+    assert restored.keys() == original.keys()
+    assert all(torch.equal(restored[k], original[k]) and restored[k].dtype == original[k].dtype for k in original)
+    ids = ids_for(7)
+    assert_logits_match(megatron_logits(checkpoint, ids), hf_logits(teacher, ids), atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type,extra,message", [
+    ("deepseek_v2", {"topk_method": "group_limited_greedy", "num_experts_per_tok": 4, "topk_group": 2},
+     "best expert"),
+    ("deepseek_v3", {"norm_topk_prob": False}, "always normalises"),
+    ("deepseek_v3", {"num_experts_per_tok": 3}, "top-2 experts")])
+def test_deepseek_routing_megatron_cannot_express_is_refused(model_type, extra, message, tmp_path):
+    from megatron_m2d.convert.megatron_model import transformer_config_kwargs
+
+    config = AutoConfig.from_pretrained(tiny_deepseek(tmp_path / "hf", model_type, **extra))
+    with pytest.raises(M2DError, match=message):
+        transformer_config_kwargs(config)
+
+
 def test_densified_fixture_student_converts_exactly(megatron_cpu, tmp_path):  # noqa: F811
     """The student exactly as densify wrote it (tied embeddings, bf16 on disk) converts bitwise, and its Megatron
     logits match. A trained model's logits reach ~20, so fp32 re-association noise is ~1e-5 (upcast from bf16):
@@ -197,12 +250,13 @@ def test_checkpoint_loads_at_tp2(megatron_cpu, tmp_path):  # noqa: F811
     assert_logits_match(torch.load(tmp_path / "l.pt", weights_only=True), hf_logits(hf, ids), atol=1e-4)
 
 
-@pytest.mark.parametrize("sizes", [dict(ep=2), dict(pp=2)])
-def test_moe_checkpoint_loads_at_ep2_and_pp2(megatron_cpu, tiny, sizes, tmp_path):  # noqa: F811
-    """EP2: 2 experts' worth per rank, tokens gathered and combined; PP2: one layer per stage. Same logits."""
+@pytest.mark.parametrize("family,sizes", [("qwen3_moe", dict(ep=2)), ("qwen3_moe", dict(pp=2)),
+                                          ("deepseek_v3", dict(ep=2))])
+def test_moe_checkpoint_loads_at_ep2_and_pp2(megatron_cpu, tiny, family, sizes, tmp_path):  # noqa: F811
+    """EP2: half the experts per rank, tokens gathered and combined; PP2: one layer per stage. Same logits."""
     from megatron_m2d.convert.checkpoint import hf_to_megatron_checkpoint
 
-    teacher = tiny("qwen3_moe")
+    teacher = tiny_deepseek(tmp_path / "hf", family) if family.startswith("deepseek") else tiny(family)
     checkpoint = hf_to_megatron_checkpoint(teacher, tmp_path / "megatron", ParallelSizes(**sizes))
     ids = ids_for(5)
     torch.save(ids, tmp_path / "ids.pt")

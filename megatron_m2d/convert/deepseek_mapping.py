@@ -80,9 +80,10 @@ def config_kwargs(config) -> dict:
         q_lora_rank=config.q_lora_rank, kv_lora_rank=config.kv_lora_rank, qk_head_dim=config.qk_nope_head_dim,
         qk_pos_emb_head_dim=config.qk_rope_head_dim, v_head_dim=config.v_head_dim, kv_channels=config.v_head_dim,
         qk_layernorm=True, ffn_hidden_size=config.intermediate_size, normalization="RMSNorm",
-        layernorm_epsilon=config.rms_norm_eps, gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, hidden_dropout=0.0,
-        attention_dropout=0.0, bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
-        persist_layer_norm=False, num_moe_experts=config.n_routed_experts, moe_router_topk=config.num_experts_per_tok,
+        layernorm_epsilon=config.rms_norm_eps, gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+        hidden_dropout=0.0, attention_dropout=0.0, bias_activation_fusion=False, bias_dropout_fusion=False,
+        apply_rope_fusion=False, persist_layer_norm=False, num_moe_experts=config.n_routed_experts,
+        moe_router_topk=config.num_experts_per_tok,
         moe_ffn_hidden_size=config.moe_intermediate_size,
         moe_shared_expert_intermediate_size=config.n_shared_experts * config.moe_intermediate_size,
         moe_layer_freq=1 if len(moe) == config.num_hidden_layers else

@@ -39,12 +39,14 @@ def read_provider_config(checkpoint: str | Path) -> ProviderConfig:
     try:
         meta = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
-        raise M2DError(f"{checkpoint} is not a checkpoint written by `m2d convert hf-to-megatron` (no {META})") from None
+        raise M2DError(f"{checkpoint} is not a checkpoint written by `m2d convert hf-to-megatron` "
+                       f"(no {META})") from None
     if meta.get("format") != FORMAT:
         raise M2DError(f"{path}: format {meta.get('format')!r}, this version reads {FORMAT!r}; convert again")
     values = dict(meta["hf_config"])
     config = AutoConfig.for_model(values.pop("model_type"), **values)
-    return ProviderConfig(config, ParallelSizes(**meta["parallel"]), int(meta["vocab_rows"]), getattr(torch, meta["dtype"]))
+    return ProviderConfig(config, ParallelSizes(**meta["parallel"]), int(meta["vocab_rows"]),
+                          getattr(torch, meta["dtype"]))
 
 
 def model_provider(checkpoint: str | Path, params_dtype: torch.dtype | None = None, parallel_output: bool = True,
