@@ -87,9 +87,11 @@ def _correct_mla_te_flag() -> None:
 
 def build_gpt_model(config, params_dtype: torch.dtype = torch.float32, parallel: ParallelSizes | None = None,
                     vocab_rows: int | None = None, vp_stage: int | None = None, parallel_output: bool = True,
-                    use_te: bool | None = None, use_cpu_initialization: bool = True):
+                    use_te: bool | None = None, moe_grouped_gemm: bool | None = None,
+                    use_cpu_initialization: bool = True):
     """The Megatron model (this rank's pipeline stage / virtual stage) of a HF config. Needs megatron-core's
-    parallel state initialised with the sizes in `parallel`."""
+    parallel state initialised with the sizes in `parallel`. Experts are TE's grouped GEMM when TE is used,
+    sequential otherwise (megatron-core stores both under the same checkpoint keys)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
@@ -100,11 +102,15 @@ def build_gpt_model(config, params_dtype: torch.dtype = torch.float32, parallel:
         raise M2DError(f"this megatron-core has no GPTModel ({e}); m2d builds GPT-style models with it") from None
     parallel = parallel or ParallelSizes()
     kwargs = transformer_config_kwargs(config)
-    config_class = MLATransformerConfig if kwargs.get("multi_latent_attention") else TransformerConfig
-    transformer = config_class(**kwargs, **parallel.transformer_config_kwargs("num_moe_experts" in kwargs),
-                                    params_dtype=params_dtype, pipeline_dtype=params_dtype,
-                                    use_cpu_initialization=use_cpu_initialization)
     use_te = te_available() if use_te is None else use_te
+    moe = "num_moe_experts" in kwargs
+    grouped = (use_te and moe) if moe_grouped_gemm is None else moe_grouped_gemm
+    if grouped and not use_te:  # the local alternative, GroupedMLP, needs the separate grouped_gemm package
+        raise M2DError("grouped-GEMM experts need Transformer Engine (TEGroupedMLP); use sequential experts")
+    config_class = MLATransformerConfig if kwargs.get("multi_latent_attention") else TransformerConfig
+    transformer = config_class(**kwargs, **parallel.transformer_config_kwargs(moe), moe_grouped_gemm=grouped,
+                               params_dtype=params_dtype, pipeline_dtype=params_dtype,
+                               use_cpu_initialization=use_cpu_initialization)
     block = get_gpt_decoder_block_spec(transformer, use_transformer_engine=use_te, normalization="RMSNorm",
                                        vp_stage=vp_stage)
     if not use_te:

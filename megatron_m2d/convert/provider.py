@@ -50,7 +50,7 @@ def read_provider_config(checkpoint: str | Path) -> ProviderConfig:
 
 
 def model_provider(checkpoint: str | Path, params_dtype: torch.dtype | None = None, parallel_output: bool = True,
-                   use_te: bool | None = None):
+                   use_te: bool | None = None, moe_grouped_gemm: bool | None = None):
     """A Megatron-style provider: (vp_stage=None) -> this rank's GPTModel, sized by the current parallel state."""
     from megatron.core import parallel_state
 
@@ -64,7 +64,8 @@ def model_provider(checkpoint: str | Path, params_dtype: torch.dtype | None = No
                               ep=parallel_state.get_expert_model_parallel_world_size(),
                               vpp=parallel_state.get_virtual_pipeline_model_parallel_world_size())
         return build_gpt_model(provider.hf_config, params_dtype or provider.dtype, sizes, provider.vocab_rows,
-                               vp_stage=vp_stage, parallel_output=parallel_output, use_te=use_te)
+                               vp_stage=vp_stage, parallel_output=parallel_output, use_te=use_te,
+                               moe_grouped_gemm=moe_grouped_gemm)
 
     return build
 
