@@ -5,6 +5,7 @@ megatron-core assumes CUDA in a few places that a forward pass on CPU reaches:
 - attention forks the CUDA RNG tracker (for dropout, which is 0 here);
 - the default causal mask is built on device "cuda" (avoided by passing an explicit mask);
 - 0.16.1 only: the MoE router names `te_general_gemm`, defined only when Transformer Engine imports;
+- 0.19: the MoE router's gating GEMM is a custom autograd function that queries CUDA device properties;
 - megatron-core creates the DeepSeek-V3 router's expert bias on torch.cuda.current_device();
 - megatron-core's own distributed-checkpoint writer (used by tests that compare formats) calls
   torch.cuda.synchronize() after its host copies.
@@ -37,6 +38,11 @@ def apply_cpu_patches(setattr_=setattr) -> None:
     setattr_(tp_random.CudaRNGStatesTracker, "fork", contextlib.contextmanager(lambda self, name=None: (yield)))
     if not hasattr(moe_utils, "te_general_gemm"):
         setattr(moe_utils, "te_general_gemm", None)
+    from megatron.core.transformer.moe import router
+
+    if hasattr(router, "router_gating_linear"):  # 0.19: a custom autograd function that asks for CUDA
+        setattr_(router, "router_gating_linear", lambda inp, weight, bias, dtype: torch.nn.functional.linear(
+            inp.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)))
 
 
 def parallel_worker(rank: int, world: int, port: int, task: dict) -> None:
@@ -60,7 +66,8 @@ def parallel_worker(rank: int, world: int, port: int, task: dict) -> None:
             hf_to_megatron_checkpoint(task["hf"], task["checkpoint"], sizes)
             return
         parallel_state.initialize_model_parallel(sizes.tp, sizes.pp, expert_model_parallel_size=sizes.ep)
-        model = model_provider(task["checkpoint"], params_dtype=torch.float32, parallel_output=False)()
+        model = model_provider(task["checkpoint"], params_dtype=torch.float32, parallel_output=False,
+                               use_te=False)()
         load_checkpoint(model, task["checkpoint"])
         model.eval()
         ids = torch.load(task["ids"], weights_only=True)

@@ -73,7 +73,9 @@ SPECS = [pytest.param(False, id="local"),
 @pytest.mark.parametrize("use_te", SPECS)
 @pytest.mark.parametrize("family", ["qwen3", "qwen3_moe", "qwen2_moe", "deepseek_v3"])
 def test_gpu_logits_equal_hf(megatron_gpu, tiny, family, use_te, tmp_path):
-    """fp32, TF32 off: 1e-4 as on CPU (TE picks its own attention backend and GEMM order)."""
+    """fp32, TF32 off in torch: 1e-4 for the local spec, as on CPU. TE's fp32 GEMMs run in TF32 on Hopper
+    (10-bit mantissa; measured up to 4.3e-4 on these logits of order 1): 2e-3 for TE. A wrong tensor moves
+    logits by > 0.1."""
     from megatron_m2d.convert.checkpoint import hf_to_megatron_checkpoint
 
     teacher = teacher_for(tiny, family, tmp_path / "hf")
@@ -87,7 +89,7 @@ def test_gpu_logits_equal_hf(megatron_gpu, tiny, family, use_te, tmp_path):
         assert any(isinstance(m, TEGroupedMLP) for m in model.modules()), "TE spec should use grouped GEMM"
     err = (got[..., :259] - expected).abs().max().item()
     print(f"{family} {'te' if use_te else 'local'}: max |logit diff| {err:.2e}")
-    assert err < 1e-4
+    assert err < (2e-3 if use_te else 1e-4)
 
 
 @pytest.mark.skipif(not te_available(), reason="Transformer Engine")

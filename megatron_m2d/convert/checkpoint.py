@@ -160,7 +160,9 @@ def hf_to_megatron_checkpoint(model: str | Path, out: str | Path, parallel: Para
     with _shared_output_directory(out, overwrite) as (tmp, coordinator):
         save_streaming(tmp, chunks, objects, _ParameterSource(ckpt, table), process_group=group)
         if coordinator:
-            provider = ProviderConfig(config, parallel, vocab_rows, dtype)
+            others = {k: str(ckpt.dtype_of(k)).removeprefix("torch.") for k in sorted(available)}
+            provider = ProviderConfig(config, parallel, vocab_rows, dtype,
+                                      {k: v for k, v in others.items() if v != str(dtype).removeprefix("torch.")})
             write_json(tmp / META, provider.to_json(source=str(Path(model).resolve()), m2d_version=__version__,
                                                    written_layout=vars(layout)))
             (tmp / SIDE_FILES_DIR).mkdir()
@@ -198,7 +200,7 @@ def megatron_to_hf_checkpoint(checkpoint: str | Path, out: str | Path, overwrite
                 c.put(params[c.param], values[(c.key, c.offsets)])
             for name, tensor in params.items():
                 for hf_name, value in table[name].to_hf(tensor, config).items():
-                    writer.add(hf_name, value)  # the chunk's dtype: the model's, fp32 for V3's expert bias
+                    writer.add(hf_name, value.to(provider.hf_dtype(hf_name)))
         writer.close()
         config.save_pretrained(tmp)
         side = checkpoint / SIDE_FILES_DIR

@@ -50,11 +50,21 @@ def transformer_config_kwargs(config) -> dict:
     return _dense_kwargs(config)
 
 
-def _align_local_keys_with_te(block_spec) -> None:
+def _module_of(spec):
+    """A layer spec's module class: a ModuleSpec's `module`, or the class a functools.partial wraps (0.19)."""
+    return getattr(spec, "module", None) or getattr(spec, "func", None)
+
+
+def _submodules_of(spec):
+    return getattr(spec, "submodules", None) or getattr(spec, "keywords", {}).get("submodules")
+
+
+def _align_local_keys_with_te(block_spec, transformer) -> None:
     """Store each local-spec layer's norms under the names Transformer Engine's spec gives them, so one
     checkpoint loads in either: TE fuses a norm into the linear that follows it (attention QKV, a dense fc1, MLA's
     q/kv up-projections) but keeps MoE layers' pre-MLP norm and MLA's input norm separate. megatron-core's local
     spec maps only the first two, and maps a MoE layer's pre-MLP norm as if it were fused."""
+    from megatron.core.transformer.identity_op import IdentityOp
     from megatron.core.transformer.moe.moe_layer import MoELayer
     from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
@@ -63,12 +73,15 @@ def _align_local_keys_with_te(block_spec) -> None:
     for layer in block_spec.layer_specs:
         sub = layer.submodules
         keys = dict(getattr(sub, "sharded_state_dict_keys_map", None) or {})
-        if sub.self_attention.module is MLASelfAttention:
-            sub.self_attention.submodules.core_attention = MLACoreAttention  # local MLA attention (see there)
+        if _module_of(sub.self_attention) is MLASelfAttention:
+            attention = _submodules_of(sub.self_attention)
+            attention.core_attention = MLACoreAttention  # local MLA attention (see there)
+            if transformer.q_lora_rank is None:  # no q compression, so no q norm (0.19 rejects an unused one)
+                attention.q_layernorm = IdentityOp
             keys.pop("input_layernorm.", None)
             keys |= {"self_attention.q_layernorm.": "self_attention.linear_q_up_proj.layer_norm_",
                      "self_attention.kv_layernorm.": "self_attention.linear_kv_up_proj.layer_norm_"}
-        if sub.mlp.module is MoELayer:
+        if _module_of(sub.mlp) is MoELayer:
             keys.pop("pre_mlp_layernorm.", None)
         else:
             keys["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
@@ -114,7 +127,7 @@ def build_gpt_model(config, params_dtype: torch.dtype = torch.float32, parallel:
     block = get_gpt_decoder_block_spec(transformer, use_transformer_engine=use_te, normalization="RMSNorm",
                                        vp_stage=vp_stage)
     if not use_te:
-        _align_local_keys_with_te(block)
+        _align_local_keys_with_te(block, transformer)
         if kwargs.get("multi_latent_attention"):
             _correct_mla_te_flag()
     rope = getattr(config, "rope_parameters", None) or {}

@@ -9,7 +9,7 @@ loads the matching Megatron model from it: what a Megatron training script (our 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,10 +28,16 @@ class ProviderConfig:
     parallel: ParallelSizes  # the sizes it was converted for (any other loads too)
     vocab_rows: int  # padded vocabulary of the Megatron embedding / output layer
     dtype: torch.dtype
+    hf_dtypes: dict[str, str] = field(default_factory=dict)  # HF tensors stored in another dtype (V3's fp32 bias)
+
+    def hf_dtype(self, name: str) -> torch.dtype:
+        """What an exported HF tensor is cast back to (Megatron may hold some parameters in fp32)."""
+        return getattr(torch, self.hf_dtypes[name]) if name in self.hf_dtypes else self.dtype
 
     def to_json(self, **extra) -> dict:
         return {"format": FORMAT, "hf_config": self.hf_config.to_dict(), "parallel": vars(self.parallel),
-                "vocab_rows": self.vocab_rows, "dtype": str(self.dtype).removeprefix("torch."), **extra}
+                "vocab_rows": self.vocab_rows, "dtype": str(self.dtype).removeprefix("torch."),
+                "hf_dtypes": self.hf_dtypes, **extra}
 
 
 def read_provider_config(checkpoint: str | Path) -> ProviderConfig:
@@ -46,7 +52,7 @@ def read_provider_config(checkpoint: str | Path) -> ProviderConfig:
     values = dict(meta["hf_config"])
     config = AutoConfig.for_model(values.pop("model_type"), **values)
     return ProviderConfig(config, ParallelSizes(**meta["parallel"]), int(meta["vocab_rows"]),
-                          getattr(torch, meta["dtype"]))
+                          getattr(torch, meta["dtype"]), dict(meta.get("hf_dtypes", {})))
 
 
 def model_provider(checkpoint: str | Path, params_dtype: torch.dtype | None = None, parallel_output: bool = True,

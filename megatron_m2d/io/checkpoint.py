@@ -101,6 +101,9 @@ class Checkpoint:
     def dtype(self) -> torch.dtype:
         """The on-disk dtype of the weights (that of the embedding matrix)."""
         key = next((k for k in self.key_to_file if k.endswith("embed_tokens.weight")), next(iter(self.key_to_file)))
+        return self.dtype_of(key)
+
+    def dtype_of(self, key: str) -> torch.dtype:
         return _SAFETENSORS_DTYPES.get(self._handle(key).get_slice(key).get_dtype(), torch.float32)
 
     def shape(self, key: str) -> list[int]:
