@@ -40,6 +40,7 @@ def apply_cpu_patches(setattr_=setattr) -> None:
         setattr(moe_utils, "te_general_gemm", None)
     from megatron.core.transformer.moe import router
 
+    setattr_(torch._dynamo.config, "disable", True)  # 0.19 compiles routing helpers; dynamo fails on CPU there
     if hasattr(router, "router_gating_linear"):  # 0.19: a custom autograd function that asks for CUDA
         setattr_(router, "router_gating_linear", lambda inp, weight, bias, dtype: torch.nn.functional.linear(
             inp.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)))

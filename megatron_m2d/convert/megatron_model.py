@@ -17,6 +17,13 @@ from megatron_m2d.convert.parallel import ParallelSizes
 from megatron_m2d.errors import M2DError
 
 
+def megatron_core_version() -> tuple[int, int]:
+    from megatron.core import __version__
+
+    major, minor = __version__.split(".")[:2]
+    return int(major), int(minor)
+
+
 def te_available() -> bool:
     try:
         import transformer_engine.pytorch  # noqa: F401
@@ -120,9 +127,15 @@ def build_gpt_model(config, params_dtype: torch.dtype = torch.float32, parallel:
     grouped = (use_te and moe) if moe_grouped_gemm is None else moe_grouped_gemm
     if grouped and not use_te:  # the local alternative, GroupedMLP, needs the separate grouped_gemm package
         raise M2DError("grouped-GEMM experts need Transformer Engine (TEGroupedMLP); use sequential experts")
+    if not use_te and kwargs.get("multi_latent_attention") and kwargs["q_lora_rank"] is None \
+            and megatron_core_version() >= (0, 19):
+        raise M2DError("megatron-core >= 0.19 builds MLA without q compression (DeepSeek-V2/V2-Lite) in the local "
+                       "spec only with a fused norm+linear q projection, which it has only with Transformer Engine; "
+                       "install TE or use megatron-core 0.16-0.18")
     config_class = MLATransformerConfig if kwargs.get("multi_latent_attention") else TransformerConfig
     transformer = config_class(**kwargs, **parallel.transformer_config_kwargs(moe), moe_grouped_gemm=grouped,
                                params_dtype=params_dtype, pipeline_dtype=params_dtype,
+                               transformer_impl="transformer_engine" if use_te else "local",  # 0.19 builds MLA by it
                                use_cpu_initialization=use_cpu_initialization)
     block = get_gpt_decoder_block_spec(transformer, use_transformer_engine=use_te, normalization="RMSNorm",
                                        vp_stage=vp_stage)
