@@ -64,3 +64,51 @@ def test_densify_peak_memory_is_far_below_model_size(tmp_path, text_dir):
     assert used <= 4 * layer_bytes + output_bytes, report
     assert peak < 0.5 * model_bytes, report
     assert json.loads((out / "m2d_plan.json").read_text())["calibration"]["gram"] is True
+
+
+CONVERT_PROBE = """
+import sys
+import torch, transformers
+import megatron.core
+from megatron.core.models.gpt import GPTModel
+from megatron_m2d.cli import main
+import megatron_m2d.convert.checkpoint
+code = main(sys.argv[1:]) if len(sys.argv) > 1 else 0
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print("PEAK", int(hwm.split()[1]) * 1024)
+sys.exit(code)
+"""
+
+
+def convert_peak(*argv) -> int:
+    result = subprocess.run([sys.executable, "-c", CONVERT_PROBE, *map(str, argv)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return int(next(line for line in result.stdout.splitlines() if line.startswith("PEAK")).split()[1])
+
+
+@pytest.mark.timeout(900)
+def test_megatron_conversion_streams_both_ways(tmp_path):
+    """HF -> Megatron writes chunks as it computes them (the DCP writer holds at most one 256 MB file) and
+    Megatron -> HF reads one decoder layer at a time (its output shards are 512 MB): stated bounds,
+    peak - baseline <= 256 MB + 3 layers one way and 512 MB + 3 layers the other, on a 1.87 GB model."""
+    pytest.importorskip("megatron.core")
+    from megatron_m2d.convert.checkpoint import EXPORT_SHARD_BYTES
+    from megatron_m2d.convert.dcp_stream import FILE_BYTES
+
+    model = build_moe_on_disk(tmp_path / "moe", "qwen3_moe", layers=16, hidden=512, num_experts=48,
+                              num_experts_per_tok=2, moe_intermediate_size=384, num_attention_heads=8,
+                              num_key_value_heads=4, head_dim=64)
+    model_bytes = folder_bytes(model, "*.safetensors")
+    layer_bytes = max(p.stat().st_size for p in model.glob("*.safetensors"))
+    baseline = convert_peak()
+    to_megatron = convert_peak("convert", "hf-to-megatron", "--model", model, "--out", tmp_path / "megatron")
+    to_hf = convert_peak("convert", "megatron-to-hf", "--model", tmp_path / "megatron", "--out", tmp_path / "back")
+    report = {"model_MB": model_bytes / 1e6, "layer_MB": layer_bytes / 1e6, "baseline_MB": baseline / 1e6,
+              "hf_to_megatron_peak_MB": to_megatron / 1e6, "megatron_to_hf_peak_MB": to_hf / 1e6}
+    print(json.dumps(report))
+    assert to_megatron - baseline <= FILE_BYTES + 3 * layer_bytes, report
+    assert to_hf - baseline <= EXPORT_SHARD_BYTES + 3 * layer_bytes, report
+    assert to_megatron < 0.4 * model_bytes and to_hf < 0.7 * model_bytes, report
+    names = [json.loads((d / "model.safetensors.index.json").read_text())["weight_map"].keys()
+             for d in (model, tmp_path / "back")]
+    assert set(names[0]) == set(names[1])

@@ -31,6 +31,7 @@ from megatron_m2d.io.checkpoint import Checkpoint
 from megatron_m2d.io.writer import ShardedWriter, atomic_directory, check_output_path, copy_side_files, write_json
 
 SIDE_FILES_DIR = "hf_side_files"
+EXPORT_SHARD_BYTES = 512 << 20  # a shard is assembled in memory before it is written: part of export's peak
 
 
 def _start_parallel_state(layout: ParallelSizes) -> None:
@@ -83,15 +84,24 @@ def _meta_model_chunks(config, dtype, parallel: ParallelSizes, vocab_rows: int):
     return chunks, objects
 
 
+def _layer_of(param: str) -> str:
+    parts = param.split(".")
+    return ".".join(parts[:3]) if parts[:2] == ["decoder", "layers"] else "globals"
+
+
 class _ParameterSource:
     """Computes Megatron parameters from the HF shards; keeps the last one, since a parameter's chunks (e.g.
-    fc1's gate and up halves) are written one after the other."""
+    fc1's gate and up halves) are written one after the other. Chunks come in model order, so the shards are
+    unmapped at each new layer (read pages of a mapped shard stay in RSS until then)."""
 
     def __init__(self, ckpt: Checkpoint, table):
         self.ckpt, self.table = ckpt, table
-        self.name, self.value = None, None
+        self.name, self.value, self.layer = None, None, None
 
     def __call__(self, chunk: Chunk) -> torch.Tensor:
+        if _layer_of(chunk.param) != self.layer:
+            self.ckpt.release()
+            self.layer = _layer_of(chunk.param)
         if chunk.param != self.name:
             spec = self.table[chunk.param]
             value = spec.to_megatron([self.ckpt.get(s) for s in spec.sources()], self.ckpt.config)
@@ -173,9 +183,7 @@ def hf_to_megatron_checkpoint(model: str | Path, out: str | Path, parallel: Para
 def _by_layer(chunks: list[Chunk]) -> dict[str, list[Chunk]]:
     groups: dict[str, list[Chunk]] = {}
     for c in chunks:
-        parts = c.param.split(".")
-        group = ".".join(parts[:3]) if parts[:2] == ["decoder", "layers"] else "globals"
-        groups.setdefault(group, []).append(c)
+        groups.setdefault(_layer_of(c.param), []).append(c)
     return groups
 
 
@@ -190,16 +198,17 @@ def megatron_to_hf_checkpoint(checkpoint: str | Path, out: str | Path, overwrite
     chunks, _ = _meta_model_chunks(config, dtype, ParallelSizes(), provider.vocab_rows)
     table = table_for(config, provider.vocab_rows)
     with atomic_directory(out, overwrite) as tmp:
-        writer = ShardedWriter(tmp)
+        writer = ShardedWriter(tmp, EXPORT_SHARD_BYTES)
         for group in _by_layer(chunks).values():
-            values = reader.read(group)
-            params: dict[str, torch.Tensor] = {}
+            values = reader.read(group)  # one layer's chunks; each is dropped once its parameter is written
+            by_param: dict[str, list[Chunk]] = {}
             for c in group:
-                if c.param not in params:
-                    params[c.param] = torch.empty(c.param_shape, dtype=c.dtype)
-                c.put(params[c.param], values[(c.key, c.offsets)])
-            for name, tensor in params.items():
-                for hf_name, value in table[name].to_hf(tensor, config).items():
+                by_param.setdefault(c.param, []).append(c)
+            for name, parts in by_param.items():
+                param = torch.empty(parts[0].param_shape, dtype=parts[0].dtype)
+                for c in parts:
+                    c.put(param, values.pop((c.key, c.offsets)))
+                for hf_name, value in table[name].to_hf(param, config).items():
                     writer.add(hf_name, value.to(provider.hf_dtype(hf_name)))
         writer.close()
         config.save_pretrained(tmp)
