@@ -22,18 +22,21 @@ from megatron_m2d.testing.tiny import build_moe_on_disk
 PROBE = """
 import sys
 import torch, transformers
-from transformers import AutoModelForCausalLM
+{imports}
 from megatron_m2d.cli import main
-import megatron_m2d.calibration.run, megatron_m2d.densification.run
 code = main(sys.argv[1:]) if len(sys.argv) > 1 else 0
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print("PEAK", int(hwm.split()[1]) * 1024)
 sys.exit(code)
 """
+DENSIFY_IMPORTS = "import megatron_m2d.calibration.run, megatron_m2d.densification.run"
+CONVERT_IMPORTS = "import megatron.core, megatron.core.models.gpt, megatron_m2d.convert.checkpoint"
 
 
-def peak_rss(*argv) -> int:
-    result = subprocess.run([sys.executable, "-c", PROBE, *map(str, argv)], capture_output=True, text=True)
+def peak_rss(*argv, imports: str = DENSIFY_IMPORTS) -> int:
+    """Peak RSS of `m2d argv...` in a fresh process that first imports `imports` (no argv: the baseline)."""
+    result = subprocess.run([sys.executable, "-c", PROBE.format(imports=imports), *map(str, argv)],
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     return int(next(line for line in result.stdout.splitlines() if line.startswith("PEAK")).split()[1])
 
@@ -66,25 +69,6 @@ def test_densify_peak_memory_is_far_below_model_size(tmp_path, text_dir):
     assert json.loads((out / "m2d_plan.json").read_text())["calibration"]["gram"] is True
 
 
-CONVERT_PROBE = """
-import sys
-import torch, transformers
-import megatron.core
-from megatron.core.models.gpt import GPTModel
-from megatron_m2d.cli import main
-import megatron_m2d.convert.checkpoint
-code = main(sys.argv[1:]) if len(sys.argv) > 1 else 0
-hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print("PEAK", int(hwm.split()[1]) * 1024)
-sys.exit(code)
-"""
-
-
-def convert_peak(*argv) -> int:
-    result = subprocess.run([sys.executable, "-c", CONVERT_PROBE, *map(str, argv)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return int(next(line for line in result.stdout.splitlines() if line.startswith("PEAK")).split()[1])
-
 
 @pytest.mark.timeout(900)
 def test_megatron_conversion_streams_both_ways(tmp_path):
@@ -100,9 +84,11 @@ def test_megatron_conversion_streams_both_ways(tmp_path):
                               num_key_value_heads=4, head_dim=64)
     model_bytes = folder_bytes(model, "*.safetensors")
     layer_bytes = max(p.stat().st_size for p in model.glob("*.safetensors"))
-    baseline = convert_peak()
-    to_megatron = convert_peak("convert", "hf-to-megatron", "--model", model, "--out", tmp_path / "megatron")
-    to_hf = convert_peak("convert", "megatron-to-hf", "--model", tmp_path / "megatron", "--out", tmp_path / "back")
+    baseline = peak_rss(imports=CONVERT_IMPORTS)
+    to_megatron = peak_rss("convert", "hf-to-megatron", "--model", model, "--out", tmp_path / "megatron",
+                           imports=CONVERT_IMPORTS)
+    to_hf = peak_rss("convert", "megatron-to-hf", "--model", tmp_path / "megatron", "--out", tmp_path / "back",
+                     imports=CONVERT_IMPORTS)
     report = {"model_MB": model_bytes / 1e6, "layer_MB": layer_bytes / 1e6, "baseline_MB": baseline / 1e6,
               "hf_to_megatron_peak_MB": to_megatron / 1e6, "megatron_to_hf_peak_MB": to_hf / 1e6}
     print(json.dumps(report))

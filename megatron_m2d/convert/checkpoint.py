@@ -166,7 +166,7 @@ def hf_to_megatron_checkpoint(model: str | Path, out: str | Path, parallel: Para
         raise M2DError(f"internal error: Megatron parameters without a mapping: {unmapped[:3]}")
     import torch.distributed as dist
 
-    group = dist.group.WORLD if dist.get_world_size() > 1 else None
+    group = dist.group.WORLD  # gloo, set up above (a one-process group when not launched by torchrun)
     with _shared_output_directory(out, overwrite) as (tmp, coordinator):
         save_streaming(tmp, chunks, objects, _ParameterSource(ckpt, table), process_group=group)
         if coordinator:

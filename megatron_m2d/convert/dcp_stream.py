@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import pickle
 import queue
 from dataclasses import dataclass
@@ -166,7 +167,8 @@ class _BoundedFileWriter(FileSystemWriter):
                 bucket, size, count = [], 0, count + 1
 
         for item in plan.items:
-            item_bytes = 0 if item.type == WriteItemType.BYTE_IO else (item.tensor_storage_size() or 0)
+            item_bytes = 0 if item.type == WriteItemType.BYTE_IO else (  # the chunk's bytes, not the global tensor's
+                math.prod(item.tensor_data.chunk.sizes) * item.tensor_data.properties.dtype.itemsize)
             if size and size + item_bytes > self.max_bytes:
                 flush()
             bucket.append(item)
