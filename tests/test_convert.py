@@ -272,19 +272,27 @@ def test_moe_checkpoint_loads_at_ep2_and_pp2(megatron_cpu, tiny, family, sizes, 
 
 
 @pytest.mark.parametrize("family,extra,sizes", [("qwen3", {}, dict(tp=2)), ("qwen3_moe", {}, dict(ep=2)),
-                                                ("qwen2_moe", {"mlp_only_layers": [0]}, dict(pp=2))])
+                                                ("qwen2_moe", {"mlp_only_layers": [0]}, dict(pp=2)),
+                                                ("qwen3", {"num_hidden_layers": 4}, dict(pp=2, vpp=2))])
 def test_checkpoint_written_at_tp2_ep2_pp2_loads_at_tp1(megatron_cpu, tiny, family, extra, sizes,  # noqa: F811
                                                         tmp_path):
-    """2 ranks each write their shard of the target layout; one process loads it and gives HF's logits."""
+    """2 ranks each write their shard of the target layout (TP2, EP2, PP2, PP2 x VPP2); one process loads it
+    and gives HF's logits."""
     from megatron_m2d.convert.dcp_stream import ChunkReader
 
-    hf = tiny(family, **extra) if family.endswith("moe") else tiny_dense(tmp_path / "hf", family)
+    hf = tiny(family, **extra) if family.endswith("moe") else tiny_dense(tmp_path / "hf", family, **extra)
     run_parallel(2, sizes=sizes, hf=hf, checkpoint=tmp_path / "megatron")
     stored = ChunkReader(tmp_path / "megatron").metadata
     files = {info.relative_path for info in stored.storage_data.values()}
     assert any(f.startswith("__1_") for f in files), "rank 1 wrote nothing"
-    if "tp" in sizes:  # a TP-sharded weight is stored as two row blocks
-        assert len(stored.state_dict_metadata["decoder.layers.self_attention.linear_qkv.weight"].chunks) == 4
+    qkv = stored.state_dict_metadata.get("decoder.layers.self_attention.linear_qkv.weight")  # stacked layers
+    if "tp" in sizes:  # a TP-sharded weight is stored as two row blocks per layer
+        assert len(qkv.chunks) == 4
+    if "vpp" in sizes:  # interleaved virtual stages: rank 0 holds layers 0 and 2, rank 1 layers 1 and 3
+        file_of = {(k.fqn, tuple(k.offset)): v.relative_path for k, v in stored.storage_data.items()
+                   if k.offset is not None}
+        assert [file_of[("decoder.layers.self_attention.linear_qkv.weight", tuple(c.offsets))][:3]
+                for c in sorted(qkv.chunks, key=lambda c: c.offsets[0])] == ["__0", "__1", "__0", "__1"]
     ids = ids_for(6)
     assert_logits_match(megatron_logits(tmp_path / "megatron", ids), hf_logits(hf, ids), atol=1e-4)
 
