@@ -5,6 +5,7 @@ megatron-core assumes CUDA in a few places that a forward pass on CPU reaches:
 - attention forks the CUDA RNG tracker (for dropout, which is 0 here);
 - the default causal mask is built on device "cuda" (avoided by passing an explicit mask);
 - 0.16.1 only: the MoE router names `te_general_gemm`, defined only when Transformer Engine imports;
+- the sliding-window mask (GPT-OSS) is built on device "cuda";
 - 0.19: the MoE router's gating GEMM is a custom autograd function that queries CUDA device properties;
 - megatron-core creates the DeepSeek-V3 router's expert bias on torch.cuda.current_device();
 - megatron-core's own distributed-checkpoint writer (used by tests that compare formats) calls
@@ -40,6 +41,14 @@ def apply_cpu_patches(setattr_=setattr) -> None:
         setattr(moe_utils, "te_general_gemm", None)
     from megatron.core.transformer.moe import router
 
+    from megatron.core.fusions import fused_softmax
+
+    if hasattr(fused_softmax, "get_sliding_window_causal_mask"):  # builds its mask on device "cuda"
+        def window_mask(sq, skv, window_size):
+            m = torch.ones(sq, skv, dtype=torch.bool)
+            return ~torch.tril(torch.triu(m, diagonal=skv - sq - window_size[0]), diagonal=skv - sq + window_size[1])
+
+        setattr_(fused_softmax, "get_sliding_window_causal_mask", window_mask)
     setattr_(torch._dynamo.config, "disable", True)  # 0.19 compiles routing helpers; dynamo fails on CPU there
     if hasattr(router, "router_gating_linear"):  # 0.19: a custom autograd function that asks for CUDA
         setattr_(router, "router_gating_linear", lambda inp, weight, bias, dtype: torch.nn.functional.linear(

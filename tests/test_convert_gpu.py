@@ -11,7 +11,7 @@ import torch
 
 from megatron_m2d.convert.megatron_model import te_available
 from tests.megatron_cpu import free_port
-from tests.test_convert import safetensors_dir, tiny_deepseek, tiny_dense
+from tests.test_convert import safetensors_dir, teacher
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -36,14 +36,6 @@ def megatron_gpu(monkeypatch):
     finally:
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
-
-
-def teacher_for(tiny, family, path):
-    if family.startswith("deepseek"):
-        return tiny_deepseek(path, family)
-    if family in ("qwen3", "llama"):
-        return tiny_dense(path, family)
-    return tiny(family)
 
 
 def logits_on_gpu(checkpoint, ids, use_te):
@@ -71,18 +63,18 @@ SPECS = [pytest.param(False, id="local"),
 
 
 @pytest.mark.parametrize("use_te", SPECS)
-@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe", "qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe", "qwen2_moe", "deepseek_v3", "gpt_oss"])
 def test_gpu_logits_equal_hf(megatron_gpu, tiny, family, use_te, tmp_path):
     """fp32, TF32 off in torch: 1e-4 for the local spec, as on CPU. TE's fp32 GEMMs run in TF32 on Hopper
     (10-bit mantissa; measured up to 4.3e-4 on these logits of order 1): 2e-3 for TE. A wrong tensor moves
     logits by > 0.1."""
     from megatron_m2d.convert.checkpoint import hf_to_megatron_checkpoint
 
-    teacher = teacher_for(tiny, family, tmp_path / "hf")
-    checkpoint = hf_to_megatron_checkpoint(teacher, tmp_path / "megatron")
+    hf = teacher(tiny, family, tmp_path / "hf")
+    checkpoint = hf_to_megatron_checkpoint(hf, tmp_path / "megatron")
     ids = torch.randint(0, 259, (2, 32), generator=torch.Generator().manual_seed(0))
     got, model = logits_on_gpu(checkpoint, ids, use_te)
-    expected = hf_logits_on_gpu(teacher, ids)
+    expected = hf_logits_on_gpu(hf, ids)
     if use_te and family.endswith("moe"):
         from megatron.core.transformer.moe.experts import TEGroupedMLP
 
@@ -101,8 +93,8 @@ def test_checkpoint_megatron_saves_from_te_model_exports_bitwise(megatron_gpu, t
 
     from megatron_m2d.convert.checkpoint import hf_to_megatron_checkpoint, megatron_to_hf_checkpoint
 
-    teacher = teacher_for(tiny, family, tmp_path / "hf")
-    ours = hf_to_megatron_checkpoint(teacher, tmp_path / "ours")
+    hf = teacher(tiny, family, tmp_path / "hf")
+    ours = hf_to_megatron_checkpoint(hf, tmp_path / "ours")
     _, model = logits_on_gpu(ours, torch.zeros(1, 4, dtype=torch.long), use_te=True)
     theirs = tmp_path / "theirs"
     theirs.mkdir()
@@ -110,7 +102,7 @@ def test_checkpoint_megatron_saves_from_te_model_exports_bitwise(megatron_gpu, t
     for name in ("m2d_convert.json", "hf_side_files"):
         os.symlink(ours / name, theirs / name)
     back = safetensors_dir(megatron_to_hf_checkpoint(theirs, tmp_path / "back"))
-    original = safetensors_dir(teacher)
+    original = safetensors_dir(hf)
     assert back.keys() == original.keys()
     bad = [k for k in original if not torch.equal(back[k], original[k].to(back[k].dtype))]
     assert not bad, bad[:5]

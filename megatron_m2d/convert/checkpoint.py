@@ -22,7 +22,7 @@ import torch
 from megatron_m2d import __version__
 from megatron_m2d.convert.dcp_stream import Chunk, ChunkReader, model_chunks, save_streaming
 from megatron_m2d.convert.dense_mapping import padded_vocab
-from megatron_m2d.convert.mapping import hf_sources
+from megatron_m2d.convert.mapping import hf_sources, split_source, stack_rows
 from megatron_m2d.convert.megatron_model import build_gpt_model, table_for, transformer_config_kwargs
 from megatron_m2d.convert.parallel import ParallelSizes
 from megatron_m2d.convert.provider import META, ProviderConfig, read_provider_config
@@ -104,12 +104,16 @@ class _ParameterSource:
             self.layer = _layer_of(chunk.param)
         if chunk.param != self.name:
             spec = self.table[chunk.param]
-            value = spec.to_megatron([self.ckpt.get(s) for s in spec.sources()], self.ckpt.config)
+            value = spec.to_megatron([self._read(s) for s in spec.sources()], self.ckpt.config)
             if tuple(value.shape) != chunk.param_shape:
                 raise M2DError(f"{chunk.param}: HF tensors give shape {tuple(value.shape)}, the Megatron model "
                                f"expects {chunk.param_shape} (config and weights disagree)")
             self.name, self.value = chunk.param, value.to(chunk.dtype).contiguous()
         return chunk.take(self.value)
+
+    def _read(self, source: str) -> torch.Tensor:
+        key, row = split_source(source)
+        return self.ckpt.get(key) if row is None else self.ckpt.get_row(key, row)  # one expert of a stack
 
 
 @contextmanager
@@ -152,6 +156,9 @@ def hf_to_megatron_checkpoint(model: str | Path, out: str | Path, parallel: Para
         raise M2DError("; ".join(problems))
     table = table_for(config, vocab_rows)
     available = set(ckpt.keys())
+    if any(k.endswith("_blocks") for k in available):
+        raise M2DError(f"{model}: experts are MXFP4-quantised on disk; save a dequantised copy first (transformers: "
+                       "from_pretrained(..., quantization_config=Mxfp4Config(dequantize=True)).save_pretrained)")
     missing = sorted(hf_sources(table) - available)
     tied_head = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     unused = sorted(available - hf_sources(table) - tied_head)
@@ -204,12 +211,18 @@ def megatron_to_hf_checkpoint(checkpoint: str | Path, out: str | Path, overwrite
             by_param: dict[str, list[Chunk]] = {}
             for c in group:
                 by_param.setdefault(c.param, []).append(c)
+            rows: dict[str, torch.Tensor] = {}  # experts of a fused HF tensor (GPT-OSS), stacked per layer
             for name, parts in by_param.items():
                 param = torch.empty(parts[0].param_shape, dtype=parts[0].dtype)
                 for c in parts:
                     c.put(param, values.pop((c.key, c.offsets)))
                 for hf_name, value in table[name].to_hf(param, config).items():
-                    writer.add(hf_name, value.to(provider.hf_dtype(hf_name)))
+                    if split_source(hf_name)[1] is not None:
+                        rows[hf_name] = value
+                    else:
+                        writer.add(hf_name, value.to(provider.hf_dtype(hf_name)))
+            for hf_name, value in stack_rows(rows).items():
+                writer.add(hf_name, value.to(provider.hf_dtype(hf_name)))
         writer.close()
         config.save_pretrained(tmp)
         side = checkpoint / SIDE_FILES_DIR

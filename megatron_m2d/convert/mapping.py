@@ -99,20 +99,79 @@ class Rows:
         return {name: t.contiguous() for name, t in zip(self.parts, tensor.chunk(len(self.parts)))}
 
 
-Spec = Same | QKV | Rows
+@dataclass(frozen=True)
+class ExpertRow:
+    """Expert `expert` of a HF tensor stacked over experts (GPT-OSS stores its experts fused). Its source is
+    named `key#expert`; `to_hf` gives that row back and the exporter stacks the rows. Layouts: "glu_weight"
+    ([H, 2I] input-major, gate and up columns interleaved -> [2I, H], gate rows then up rows), "glu_bias"
+    (interleaved -> halves), "transpose" ([I, H] -> [H, I]), "same"."""
+    hf: str
+    expert: int
+    layout: str
+
+    def sources(self) -> tuple[str, ...]:
+        return (f"{self.hf}#{self.expert}",)
+
+    def to_megatron(self, tensors, config) -> torch.Tensor:
+        t = tensors[0]
+        if self.layout == "glu_weight":
+            return torch.cat([t[:, 0::2].T, t[:, 1::2].T])
+        if self.layout == "glu_bias":
+            return torch.cat([t[0::2], t[1::2]])
+        return t.T if self.layout == "transpose" else t
+
+    def to_hf(self, tensor, config) -> dict[str, torch.Tensor]:
+        if self.layout in ("glu_weight", "glu_bias"):
+            gate, up = tensor.chunk(2)
+            if self.layout == "glu_weight":
+                gate, up = gate.T, up.T
+            row = torch.stack([gate, up], dim=-1).reshape(*gate.shape[:-1], -1)
+        else:
+            row = tensor.T if self.layout == "transpose" else tensor
+        return {self.sources()[0]: row.contiguous()}
+
+
+Spec = Same | QKV | Rows | ExpertRow
+
+
+def split_source(name: str) -> tuple[str, int | None]:
+    """`key#e` -> (key, e): row e of a stacked tensor; a plain key -> (key, None)."""
+    key, _, row = name.partition("#")
+    return key, int(row) if row else None
+
+
+def read_source(hf: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+    key, row = split_source(name)
+    return hf[key] if row is None else hf[key][row]
+
+
+def stack_rows(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rows named `key#e` stacked back into `key` (in expert order); other names unchanged."""
+    out, rows = {}, {}
+    for name, tensor in tensors.items():
+        key, row = split_source(name)
+        if row is None:
+            out[name] = tensor
+        else:
+            rows.setdefault(key, {})[row] = tensor
+    for key, by_row in rows.items():
+        out[key] = torch.stack([by_row[e] for e in sorted(by_row)])
+    return out
 
 
 def to_megatron(hf: Mapping[str, torch.Tensor], table: Mapping[str, Spec], config) -> dict[str, torch.Tensor]:
     """A whole in-memory HF state dict through a family table (the converter streams the same specs)."""
-    return {name: spec.to_megatron([hf[s] for s in spec.sources()], config) for name, spec in table.items()}
+    return {name: spec.to_megatron([read_source(hf, s) for s in spec.sources()], config)
+            for name, spec in table.items()}
 
 
 def to_hf(megatron: Mapping[str, torch.Tensor], table: Mapping[str, Spec], config) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name, spec in table.items():
         out.update(spec.to_hf(megatron[name], config))
-    return out
+    return stack_rows(out)
 
 
 def hf_sources(table: Mapping[str, Spec]) -> set[str]:
-    return {s for spec in table.values() for s in spec.sources()}
+    """The HF tensor names a table reads (a stacked tensor once, whichever rows it reads)."""
+    return {split_source(s)[0] for spec in table.values() for s in spec.sources()}

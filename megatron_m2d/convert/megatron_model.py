@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megatron_m2d.convert import deepseek_mapping, dense_mapping, moe_mapping
+from megatron_m2d.convert import deepseek_mapping, dense_mapping, gpt_oss_mapping, moe_mapping
 from megatron_m2d.convert.parallel import ParallelSizes
 from megatron_m2d.errors import M2DError
 
@@ -51,6 +51,8 @@ def transformer_config_kwargs(config) -> dict:
     """TransformerConfig fields equivalent to a HF config (dense student or supported MoE teacher)."""
     if config.model_type in deepseek_mapping.MODEL_TYPES:
         return deepseek_mapping.config_kwargs(config)
+    if config.model_type == gpt_oss_mapping.MODEL_TYPE:
+        return gpt_oss_mapping.config_kwargs(config)
     if moe_mapping.is_moe(config):
         _, twin = moe_mapping.check_supported(config)
         return {**_dense_kwargs(twin), **moe_mapping.moe_config_kwargs(config)}
@@ -105,6 +107,14 @@ def _correct_mla_te_flag() -> None:
         mla.HAVE_TE = False
 
 
+def _rotary(config, kwargs) -> dict:
+    if config.model_type == gpt_oss_mapping.MODEL_TYPE:
+        return gpt_oss_mapping.rotary(config)
+    rope = getattr(config, "rope_parameters", None) or {}
+    base = kwargs.get("rotary_base") or rope.get("rope_theta", getattr(config, "rope_theta", 10000))
+    return dict(position_embedding_type="rope", rotary_base=base, config_attributes={})
+
+
 def build_gpt_model(config, params_dtype: torch.dtype = torch.float32, parallel: ParallelSizes | None = None,
                     vocab_rows: int | None = None, vp_stage: int | None = None, parallel_output: bool = True,
                     use_te: bool | None = None, moe_grouped_gemm: bool | None = None,
@@ -132,6 +142,10 @@ def build_gpt_model(config, params_dtype: torch.dtype = torch.float32, parallel:
         raise M2DError("megatron-core >= 0.19 builds MLA without q compression (DeepSeek-V2/V2-Lite) in the local "
                        "spec only with a fused norm+linear q projection, which it has only with Transformer Engine; "
                        "install TE or use megatron-core 0.16-0.18")
+    if kwargs.get("activation_func") == "quick_gelu":  # named by the pure mapping modules
+        from megatron.core.activations import quick_gelu
+
+        kwargs["activation_func"] = quick_gelu
     config_class = MLATransformerConfig if kwargs.get("multi_latent_attention") else TransformerConfig
     transformer = config_class(**kwargs, **parallel.transformer_config_kwargs(moe), moe_grouped_gemm=grouped,
                                params_dtype=params_dtype, pipeline_dtype=params_dtype,
@@ -143,11 +157,12 @@ def build_gpt_model(config, params_dtype: torch.dtype = torch.float32, parallel:
         _align_local_keys_with_te(block, transformer)
         if kwargs.get("multi_latent_attention"):
             _correct_mla_te_flag()
-    rope = getattr(config, "rope_parameters", None) or {}
-    rotary_base = kwargs.get("rotary_base") or rope.get("rope_theta", getattr(config, "rope_theta", 10000))
+    rotary = _rotary(config, kwargs)
+    for name, value in rotary["config_attributes"].items():  # GPTModel reads its yarn settings off the config
+        setattr(transformer, name, value)
     return GPTModel(transformer, block, vocab_size=vocab_rows or config.vocab_size,
-                    max_sequence_length=config.max_position_embeddings, position_embedding_type="rope",
-                    rotary_base=int(rotary_base),
+                    max_sequence_length=config.max_position_embeddings,
+                    position_embedding_type=rotary["position_embedding_type"], rotary_base=rotary["rotary_base"],
                     share_embeddings_and_output_weights=bool(getattr(config, "tie_word_embeddings", False)),
                     parallel_output=parallel_output,
                     pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -159,6 +174,8 @@ def table_for(config, vocab_rows: int | None = None):
     """The family table (Megatron parameter name -> HF spec) of a dense student or MoE teacher."""
     if config.model_type in deepseek_mapping.MODEL_TYPES:
         return deepseek_mapping.table(config, vocab_rows)
+    if config.model_type == gpt_oss_mapping.MODEL_TYPE:
+        return gpt_oss_mapping.table(config, vocab_rows)
     if moe_mapping.is_moe(config):
         return moe_mapping.table(config, vocab_rows)
     return dense_mapping.table(config, vocab_rows)

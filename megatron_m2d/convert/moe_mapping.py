@@ -23,8 +23,6 @@ DENSE_TWIN = {"qwen3_moe": "qwen3", "mixtral": "mistral", "qwen2_moe": "qwen2"}
 REFUSED = {
     "olmoe": "its q/k RMSNorm spans the whole projection (all heads together), while megatron-core's "
              "qk_layernorm normalises each head separately",
-    "gpt_oss": "not mapped by this version (attention sinks, alternating sliding windows, clamped SwiGLU with "
-               "biases, MXFP4-quantised hub experts)",
 }
 
 
