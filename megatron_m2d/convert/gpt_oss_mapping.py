@@ -36,7 +36,8 @@ def config_kwargs(config) -> dict:
         kv_channels=head_dim, ffn_hidden_size=config.intermediate_size, normalization="RMSNorm",
         layernorm_epsilon=config.rms_norm_eps, gated_linear_unit=True, activation_func="quick_gelu",  # resolved to megatron-core's
        
-        glu_linear_offset=1.0, activation_func_clamp_value=float(config.swiglu_limit), add_bias_linear=True,
+        glu_linear_offset=1.0, add_bias_linear=True,
+        activation_func_clamp_value=float(getattr(config, "swiglu_limit", 7.0)),  # transformers < 5.20: fixed 7
         add_qkv_bias=True, softmax_type="learnable", hidden_dropout=0.0, attention_dropout=0.0,
         # HF's window of W tokens is the query and the W - 1 before it
         window_size=(config.sliding_window - 1, 0) if any(sliding) else None,
