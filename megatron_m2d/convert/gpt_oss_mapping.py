@@ -18,7 +18,7 @@ MODEL_TYPE = "gpt_oss"
 
 
 def _check(config) -> None:
-    if abs(getattr(config, "swiglu_alpha", 1.702) - 1.702) > 1e-6:
+    if abs(getattr(config, "swiglu_alpha", 1.702) - 1.702) > 1e-6:  # absent before transformers 5.20: 1.702
         raise M2DError("cannot convert GPT-OSS with swiglu_alpha != 1.702: megatron-core's quick-GELU fixes it")
     rope = dict(getattr(config, "rope_parameters", None) or {})
     if rope.get("rope_type", "default") not in ("yarn", "default"):
@@ -34,8 +34,8 @@ def config_kwargs(config) -> dict:
         num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
         num_attention_heads=config.num_attention_heads, num_query_groups=config.num_key_value_heads,
         kv_channels=head_dim, ffn_hidden_size=config.intermediate_size, normalization="RMSNorm",
-        layernorm_epsilon=config.rms_norm_eps, gated_linear_unit=True, activation_func="quick_gelu",  # resolved to megatron-core's
-       
+        layernorm_epsilon=config.rms_norm_eps, gated_linear_unit=True,
+        activation_func="quick_gelu",  # x * sigmoid(1.702 x), resolved to megatron-core's by build_gpt_model
         glu_linear_offset=1.0, add_bias_linear=True,
         activation_func_clamp_value=float(getattr(config, "swiglu_limit", 7.0)),  # transformers < 5.20: fixed 7
         add_qkv_bias=True, softmax_type="learnable", hidden_dropout=0.0, attention_dropout=0.0,
