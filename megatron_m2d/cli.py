@@ -209,6 +209,11 @@ def _run_convert(args) -> None:
 
     if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
         raise M2DError("megatron-core is not installed: pip install 'megatron_m2d[megatron]'")
+    import warnings
+
+    # megatron-core announces its fallbacks on import; none of them matters for conversion
+    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine and Apex) (is|are) not installed.*")
+    warnings.filterwarnings("ignore", message=r".*cuda_graph.*")
     from megatron_m2d.convert import checkpoint
 
     if args.direction == "hf-to-megatron":

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from megatron_m2d import __version__
 from megatron_m2d.convert.dcp_stream import Chunk, ChunkReader, model_chunks, save_streaming
@@ -94,14 +95,15 @@ class _ParameterSource:
     fc1's gate and up halves) are written one after the other. Chunks come in model order, so the shards are
     unmapped at each new layer (read pages of a mapped shard stay in RSS until then)."""
 
-    def __init__(self, ckpt: Checkpoint, table):
-        self.ckpt, self.table = ckpt, table
+    def __init__(self, ckpt: Checkpoint, table, progress):
+        self.ckpt, self.table, self.progress = ckpt, table, progress
         self.name, self.value, self.layer = None, None, None
 
     def __call__(self, chunk: Chunk) -> torch.Tensor:
         if _layer_of(chunk.param) != self.layer:
             self.ckpt.release()
             self.layer = _layer_of(chunk.param)
+        self.progress.update()
         if chunk.param != self.name:
             spec = self.table[chunk.param]
             value = spec.to_megatron([self._read(s) for s in spec.sources()], self.ckpt.config)
@@ -144,7 +146,7 @@ def _shared_output_directory(out: Path, overwrite: bool):
 
 
 def hf_to_megatron_checkpoint(model: str | Path, out: str | Path, parallel: ParallelSizes = ParallelSizes(),
-                              overwrite: bool = False, vocab_divisible_by: int = 128) -> Path:
+                              overwrite: bool = False, vocab_divisible_by: int = 128, progress: bool = True) -> Path:
     """Convert a HF checkpoint (teacher or densified student) to a Megatron-Core `torch_dist` checkpoint plus
     `m2d_convert.json`, streaming one parameter at a time."""
     out = check_output_path(out, overwrite)
@@ -174,8 +176,9 @@ def hf_to_megatron_checkpoint(model: str | Path, out: str | Path, parallel: Para
     import torch.distributed as dist
 
     group = dist.group.WORLD  # gloo, set up above (a one-process group when not launched by torchrun)
-    with _shared_output_directory(out, overwrite) as (tmp, coordinator):
-        save_streaming(tmp, chunks, objects, _ParameterSource(ckpt, table), process_group=group)
+    with _shared_output_directory(out, overwrite) as (tmp, coordinator), \
+            tqdm(total=len(chunks), desc="hf-to-megatron", unit="chunk", disable=not (progress and coordinator)) as bar:
+        save_streaming(tmp, chunks, objects, _ParameterSource(ckpt, table, bar), process_group=group)
         if coordinator:
             others = {k: str(ckpt.dtype_of(k)).removeprefix("torch.") for k in sorted(available)}
             provider = ProviderConfig(config, parallel, vocab_rows, dtype,
@@ -194,7 +197,8 @@ def _by_layer(chunks: list[Chunk]) -> dict[str, list[Chunk]]:
     return groups
 
 
-def megatron_to_hf_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+def megatron_to_hf_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool = False,
+                              progress: bool = True) -> Path:
     """Export a Megatron-Core checkpoint (converted by us, or saved by Megatron training under any layout) to HF
     safetensors, one decoder layer in memory at a time."""
     checkpoint, out = Path(checkpoint), check_output_path(out, overwrite)
@@ -206,7 +210,7 @@ def megatron_to_hf_checkpoint(checkpoint: str | Path, out: str | Path, overwrite
     table = table_for(config, provider.vocab_rows)
     with atomic_directory(out, overwrite) as tmp:
         writer = ShardedWriter(tmp, EXPORT_SHARD_BYTES)
-        for group in _by_layer(chunks).values():
+        for group in tqdm(_by_layer(chunks).values(), desc="megatron-to-hf", unit="layer", disable=not progress):
             values = reader.read(group)  # one layer's chunks; each is dropped once its parameter is written
             by_param: dict[str, list[Chunk]] = {}
             for c in group:

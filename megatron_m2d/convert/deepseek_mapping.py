@@ -97,13 +97,11 @@ def config_kwargs(config) -> dict:
 def _attention_table(config, layer: int) -> dict[str, Spec]:
     m, h = f"decoder.layers.{layer}.", f"model.layers.{layer}."
     a, attn = m + "self_attention.", h + "self_attn."
-    table: dict[str, Spec] = {
-        m + "input_layernorm.weight": Same(h + "input_layernorm.weight"),
+    table: dict[str, Spec] = dense_mapping.norms_table(layer) | {
         a + "linear_kv_down_proj.weight": Same(attn + "kv_a_proj_with_mqa.weight"),
         a + "kv_layernorm.weight": Same(attn + "kv_a_layernorm.weight"),
         a + "linear_kv_up_proj.weight": Same(attn + "kv_b_proj.weight"),
         a + "linear_proj.weight": Same(attn + "o_proj.weight"),
-        m + "pre_mlp_layernorm.weight": Same(h + "post_attention_layernorm.weight"),
     }
     if config.q_lora_rank is None:
         table[a + "linear_q_proj.weight"] = Same(attn + "q_proj.weight")

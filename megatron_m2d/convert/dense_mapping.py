@@ -39,15 +39,21 @@ def global_table(config, vocab_rows: int) -> dict[str, Spec]:
     return table
 
 
+def norms_table(layer: int) -> dict[str, Spec]:
+    """A decoder layer's two RMSNorms (every family here names them the same)."""
+    m, h = f"decoder.layers.{layer}.", f"model.layers.{layer}."
+    return {m + "input_layernorm.weight": Same(h + "input_layernorm.weight"),
+            m + "pre_mlp_layernorm.weight": Same(h + "post_attention_layernorm.weight")}
+
+
 def attention_table(config, layer: int) -> dict[str, Spec]:
+    """The layer's norms and its GQA attention."""
     qk_norm, qkv_bias = check_supported(config)
     m, h = f"decoder.layers.{layer}.", f"model.layers.{layer}."
     attn = h + "self_attn."
-    table: dict[str, Spec] = {
-        m + "input_layernorm.weight": Same(h + "input_layernorm.weight"),
+    table: dict[str, Spec] = norms_table(layer) | {
         m + "self_attention.linear_qkv.weight": QKV(*(attn + f"{p}_proj.weight" for p in "qkv")),
         m + "self_attention.linear_proj.weight": Same(attn + "o_proj.weight"),
-        m + "pre_mlp_layernorm.weight": Same(h + "post_attention_layernorm.weight"),
     }
     if qkv_bias:
         table[m + "self_attention.linear_qkv.bias"] = QKV(*(attn + f"{p}_proj.bias" for p in "qkv"))

@@ -68,14 +68,12 @@ def table(config, vocab_rows: int | None = None) -> dict[str, Spec]:
     for i in range(config.num_hidden_layers):
         m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
         attn = h + "self_attn."
-        out |= {
-            m + "input_layernorm.weight": Same(h + "input_layernorm.weight"),
+        out |= dense_mapping.norms_table(i) | {
             m + "self_attention.linear_qkv.weight": QKV(*(attn + f"{p}_proj.weight" for p in "qkv")),
             m + "self_attention.linear_qkv.bias": QKV(*(attn + f"{p}_proj.bias" for p in "qkv")),
             m + "self_attention.linear_proj.weight": Same(attn + "o_proj.weight"),
             m + "self_attention.linear_proj.bias": Same(attn + "o_proj.bias"),
             m + "self_attention.core_attention.softmax_offset": Same(attn + "sinks"),
-            m + "pre_mlp_layernorm.weight": Same(h + "post_attention_layernorm.weight"),
             m + "mlp.router.weight": Same(h + "mlp.router.weight"),
             m + "mlp.router.bias": Same(h + "mlp.router.bias"),
         }
