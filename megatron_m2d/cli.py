@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from megatron_m2d import __version__
@@ -224,7 +225,8 @@ def _run_convert(args) -> None:
                                                    vocab_divisible_by=args.make_vocab_size_divisible_by)
     else:
         out = checkpoint.megatron_to_hf_checkpoint(args.model, args.out, args.overwrite)
-    print(f"{args.direction}: {args.model} -> {out}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank converts its shard; one reports
+        print(f"{args.direction}: {args.model} -> {out}")
 
 
 def _list(text: str) -> list[str]:
