@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -123,26 +123,14 @@ def _shared_output_directory(out: Path, overwrite: bool):
     """atomic_directory, shared by all ranks: rank 0 owns it and renames it once every rank has written."""
     import torch.distributed as dist
 
-    multi = dist.is_initialized() and dist.get_world_size() > 1
-    if not multi:
-        with atomic_directory(out, overwrite) as tmp:
-            yield tmp, True
-        return
-    rank = dist.get_rank()
-    box = [None]
-    context = atomic_directory(out, overwrite) if rank == 0 else None
-    if context is not None:
-        box[0] = str(context.__enter__())
-    dist.broadcast_object_list(box, src=0)
-    try:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    with ExitStack() as stack:
+        box = [str(stack.enter_context(atomic_directory(out, overwrite))) if rank == 0 else None]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(box, src=0)
         yield Path(box[0]), rank == 0
-        dist.barrier()
-    except BaseException as e:
-        if context is not None:
-            context.__exit__(type(e), e, e.__traceback__)
-        raise
-    if context is not None:
-        context.__exit__(None, None, None)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()  # every rank's files are in before rank 0 renames the directory
 
 
 def hf_to_megatron_checkpoint(model: str | Path, out: str | Path, parallel: ParallelSizes = ParallelSizes(),
