@@ -153,7 +153,7 @@ class _BoundedFileWriter(FileSystemWriter):
         self.max_bytes = max_bytes
 
     def write_data(self, plan, planner):
-        if not hasattr(self, "_write_data"):  # a torch without the split we rely on: one file per chunk
+        if not hasattr(self, "_write_data"):  # torch moved its (private) file queue: fall back to a file per chunk
             self.single_file_per_rank = False
             return super().write_data(plan, planner)
         files: queue.Queue = queue.Queue()
