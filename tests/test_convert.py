@@ -383,6 +383,24 @@ def test_cli_refuses_a_family_megatron_cannot_express(tiny, tmp_path, capsys):
     assert "normalises each head separately" in err and not (tmp_path / "m").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss"])
+def test_cli_without_cuda_says_which_families_need_a_gpu(tiny, family, tmp_path):
+    """In a process without our test patches: megatron-core creates MLA's rotary tables and the sinks' offsets on
+    the current CUDA device, so on a CPU-only machine these conversions stop with one line and write nothing."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("megatron.core")
+    hf = teacher(tiny, family, tmp_path / "hf")
+    result = subprocess.run([sys.executable, "-m", "megatron_m2d.cli", "convert", "hf-to-megatron", "--model",
+                             str(hf), "--out", str(tmp_path / "m")], capture_output=True, text=True)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("m2d: error: megatron-core needs a CUDA device")
+    assert not (tmp_path / "m").exists()
+
+
 def test_cli_refuses_a_truncated_shard(tiny, tmp_path, capsys):
     pytest.importorskip("megatron.core")
     teacher = tiny("qwen3_moe")

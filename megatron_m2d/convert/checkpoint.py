@@ -78,8 +78,16 @@ def _meta_model_chunks(config, dtype, parallel: ParallelSizes, vocab_rows: int):
     """All chunks this rank holds, over its virtual pipeline stages; nothing is allocated."""
     chunks, objects = [], []
     for vp_stage in range(parallel.vpp) if parallel.vpp else [None]:
-        with torch.device("meta"):
-            model = build_gpt_model(config, dtype, parallel, vocab_rows, vp_stage=vp_stage, use_te=False)
+        try:
+            with torch.device("meta"):
+                model = build_gpt_model(config, dtype, parallel, vocab_rows, vp_stage=vp_stage, use_te=False)
+        except (AssertionError, RuntimeError) as e:
+            if "CUDA" not in str(e) and "NVIDIA" not in str(e):
+                raise
+            # MLA's rotary embedding and the attention sinks' offsets (GPT-OSS) are created on the current CUDA
+            # device whatever use_cpu_initialization says: nothing to do about it short of patching megatron-core
+            raise M2DError(f"megatron-core needs a CUDA device to build the {config.model_type} model "
+                           f"({str(e).splitlines()[0]}); run the conversion on a machine with a GPU") from None
         c, o = model_chunks(model)
         chunks, objects = chunks + c, objects + o
     return chunks, objects
