@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from megatron_m2d.convert import dense_mapping
+from megatron_m2d.convert import dense_mapping, moe_mapping
 from megatron_m2d.convert.mapping import Rows, Same, Spec
 from megatron_m2d.errors import M2DError
 
@@ -73,8 +73,7 @@ def config_kwargs(config) -> dict:
     """MLATransformerConfig fields of a DeepSeek-V2/V3 HF config."""
     if config.hidden_act != "silu":
         raise M2DError(f"activation {config.hidden_act} is not SwiGLU; no Megatron mapping")
-    moe = set(moe_layers(config))
-    kwargs = dict(
+    return dict(
         multi_latent_attention=True, num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
         num_attention_heads=config.num_attention_heads, num_query_groups=config.num_attention_heads,
         q_lora_rank=config.q_lora_rank, kv_lora_rank=config.kv_lora_rank, qk_head_dim=config.qk_nope_head_dim,
@@ -83,15 +82,11 @@ def config_kwargs(config) -> dict:
         layernorm_epsilon=config.rms_norm_eps, gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
         hidden_dropout=0.0, attention_dropout=0.0, bias_activation_fusion=False, bias_dropout_fusion=False,
         apply_rope_fusion=False, persist_layer_norm=False, num_moe_experts=config.n_routed_experts,
-        moe_router_topk=config.num_experts_per_tok,
-        moe_ffn_hidden_size=config.moe_intermediate_size,
+        moe_router_topk=config.num_experts_per_tok, moe_ffn_hidden_size=config.moe_intermediate_size,
         moe_shared_expert_intermediate_size=config.n_shared_experts * config.moe_intermediate_size,
-        moe_layer_freq=1 if len(moe) == config.num_hidden_layers else
-        [int(i in moe) for i in range(config.num_hidden_layers)],
-        moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, moe_token_dispatcher_type="allgather",
+        moe_layer_freq=moe_mapping.layer_freq(moe_layers(config), config.num_hidden_layers),
         moe_router_dtype="fp32",  # HF routes in fp32
-        **_routing(config), **_rope(config))
-    return kwargs
+        **moe_mapping.TEACHER_ROUTING, **_routing(config), **_rope(config))
 
 
 def _attention_table(config, layer: int) -> dict[str, Spec]:

@@ -8,6 +8,8 @@ rows then the up rows.
 
 from __future__ import annotations
 
+import torch.nn.functional as F
+
 from megatron_m2d.convert.mapping import QKV, PaddedRows, Rows, Same, Spec
 from megatron_m2d.errors import M2DError
 
@@ -23,6 +25,21 @@ def check_supported(config) -> tuple[bool, bool]:
         raise M2DError("sliding-window attention on every layer is not expressed by this converter's Megatron "
                        "config; refusing rather than converting to a different model")
     return DENSE_TYPES[config.model_type]
+
+
+def config_kwargs(config) -> dict:
+    """TransformerConfig fields of a HF dense decoder (a student, or a MoE teacher's dense twin)."""
+    qk_norm, qkv_bias = check_supported(config)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if config.hidden_act != "silu":
+        raise M2DError(f"activation {config.hidden_act} is not SwiGLU; no Megatron mapping")
+    return dict(num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
+                num_attention_heads=config.num_attention_heads, num_query_groups=config.num_key_value_heads,
+                kv_channels=head_dim, ffn_hidden_size=config.intermediate_size, normalization="RMSNorm",
+                layernorm_epsilon=config.rms_norm_eps, gated_linear_unit=True, activation_func=F.silu,
+                add_bias_linear=False, add_qkv_bias=qkv_bias, qk_layernorm=qk_norm, hidden_dropout=0.0,
+                attention_dropout=0.0, bias_activation_fusion=False, bias_dropout_fusion=False,
+                apply_rope_fusion=False, persist_layer_norm=False)
 
 
 def padded_vocab(config, divisible_by: int = 128) -> int:

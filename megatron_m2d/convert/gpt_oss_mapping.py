@@ -10,7 +10,7 @@ then up rows), and export stacks them back into the fused tensors.
 
 from __future__ import annotations
 
-from megatron_m2d.convert import dense_mapping
+from megatron_m2d.convert import dense_mapping, moe_mapping
 from megatron_m2d.convert.mapping import QKV, ExpertRow, Same, Spec
 from megatron_m2d.errors import M2DError
 
@@ -45,7 +45,7 @@ def config_kwargs(config) -> dict:
         bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
         num_moe_experts=config.num_local_experts, moe_router_topk=config.num_experts_per_tok,
         moe_ffn_hidden_size=config.intermediate_size, moe_router_pre_softmax=False,  # top-k, then softmax
-        moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, moe_token_dispatcher_type="allgather")
+        **moe_mapping.TEACHER_ROUTING)
 
 
 def rotary(config) -> dict:

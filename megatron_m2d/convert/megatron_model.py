@@ -10,7 +10,6 @@ separate layers, so its checkpoint keys differ).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from megatron_m2d.convert import deepseek_mapping, dense_mapping, gpt_oss_mapping, moe_mapping
 from megatron_m2d.convert.parallel import ParallelSizes
@@ -32,31 +31,24 @@ def te_available() -> bool:
     return True
 
 
-def _dense_kwargs(config) -> dict:
-    """TransformerConfig fields of a HF dense decoder (Qwen3/Qwen2/Llama/Mistral, or a MoE's dense twin)."""
-    qk_norm, qkv_bias = dense_mapping.check_supported(config)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if config.hidden_act != "silu":
-        raise M2DError(f"activation {config.hidden_act} is not SwiGLU; no Megatron mapping")
-    return dict(num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
-                num_attention_heads=config.num_attention_heads, num_query_groups=config.num_key_value_heads,
-                kv_channels=head_dim, ffn_hidden_size=config.intermediate_size, normalization="RMSNorm",
-                layernorm_epsilon=config.rms_norm_eps, gated_linear_unit=True, activation_func=F.silu,
-                add_bias_linear=False, add_qkv_bias=qkv_bias, qk_layernorm=qk_norm, hidden_dropout=0.0,
-                attention_dropout=0.0, bias_activation_fusion=False, bias_dropout_fusion=False,
-                apply_rope_fusion=False, persist_layer_norm=False)
+def mapping_module(config):
+    """The family's mapping module: `config_kwargs(config)` (TransformerConfig fields), `table(config,
+    vocab_rows)` (Megatron parameter -> HF spec), and `rotary(config)` where GPTModel's plain rope does not apply."""
+    if config.model_type in deepseek_mapping.MODEL_TYPES:
+        return deepseek_mapping
+    if config.model_type == gpt_oss_mapping.MODEL_TYPE:
+        return gpt_oss_mapping
+    return moe_mapping if moe_mapping.is_moe(config) else dense_mapping
 
 
 def transformer_config_kwargs(config) -> dict:
     """TransformerConfig fields equivalent to a HF config (dense student or supported MoE teacher)."""
-    if config.model_type in deepseek_mapping.MODEL_TYPES:
-        return deepseek_mapping.config_kwargs(config)
-    if config.model_type == gpt_oss_mapping.MODEL_TYPE:
-        return gpt_oss_mapping.config_kwargs(config)
-    if moe_mapping.is_moe(config):
-        _, twin = moe_mapping.check_supported(config)
-        return {**_dense_kwargs(twin), **moe_mapping.moe_config_kwargs(config)}
-    return _dense_kwargs(config)
+    return mapping_module(config).config_kwargs(config)
+
+
+def table_for(config, vocab_rows: int | None = None):
+    """The family table (Megatron parameter name -> HF spec) of a dense student or MoE teacher."""
+    return mapping_module(config).table(config, vocab_rows)
 
 
 def _module_of(spec):
@@ -108,8 +100,9 @@ def _correct_mla_te_flag() -> None:
 
 
 def _rotary(config, kwargs) -> dict:
-    if config.model_type == gpt_oss_mapping.MODEL_TYPE:
-        return gpt_oss_mapping.rotary(config)
+    family = mapping_module(config)
+    if hasattr(family, "rotary"):
+        return family.rotary(config)
     rope = getattr(config, "rope_parameters", None) or {}
     base = kwargs.get("rotary_base") or rope.get("rope_theta", getattr(config, "rope_theta", 10000))
     return dict(position_embedding_type="rope", rotary_base=base, config_attributes={})
@@ -169,13 +162,3 @@ def build_gpt_model(config, params_dtype: torch.dtype = torch.float32, parallel:
                     post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
                     vp_stage=vp_stage)
 
-
-def table_for(config, vocab_rows: int | None = None):
-    """The family table (Megatron parameter name -> HF spec) of a dense student or MoE teacher."""
-    if config.model_type in deepseek_mapping.MODEL_TYPES:
-        return deepseek_mapping.table(config, vocab_rows)
-    if config.model_type == gpt_oss_mapping.MODEL_TYPE:
-        return gpt_oss_mapping.table(config, vocab_rows)
-    if moe_mapping.is_moe(config):
-        return moe_mapping.table(config, vocab_rows)
-    return dense_mapping.table(config, vocab_rows)

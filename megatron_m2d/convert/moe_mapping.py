@@ -41,19 +41,26 @@ def check_supported(config):
     return family, twin
 
 
-def moe_config_kwargs(config) -> dict:
-    """TransformerConfig fields of the MoE blocks (on top of the dense twin's)."""
-    family, _ = check_supported(config)
-    moe_layers = set(family.moe_layers(config))
-    kwargs = dict(num_moe_experts=family.num_experts(config), moe_router_topk=family.top_k(config),
-                  moe_ffn_hidden_size=family.expert_width(config),
+# Every teacher: routing as trained (no balancing loss), and the allgather dispatcher (the alltoall one needs
+# CUDA streams; the same tokens reach the same experts either way).
+TEACHER_ROUTING = dict(moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
+                       moe_token_dispatcher_type="allgather")
+
+
+def layer_freq(moe_layers, num_layers: int) -> int | list[int]:
+    """megatron-core's moe_layer_freq: a list only when layers differ, since a list changes the checkpoint keys
+    (per-layer instead of stacked)."""
+    moe_layers = set(moe_layers)
+    return 1 if len(moe_layers) == num_layers else [int(i in moe_layers) for i in range(num_layers)]
+
+
+def config_kwargs(config) -> dict:
+    """TransformerConfig fields of a MoE teacher: its dense twin's, plus the MoE blocks'."""
+    family, twin = check_supported(config)
+    kwargs = dict(dense_mapping.config_kwargs(twin), num_moe_experts=family.num_experts(config),
+                  moe_router_topk=family.top_k(config), moe_ffn_hidden_size=family.expert_width(config),
                   moe_router_pre_softmax=not family.renormalizes(config),
-                  # a list only when layers differ: it changes the checkpoint keys (per-layer, not stacked)
-                  moe_layer_freq=1 if len(moe_layers) == config.num_hidden_layers else
-                  [int(i in moe_layers) for i in range(config.num_hidden_layers)],
-                  moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
-                  # allgather: the alltoall dispatcher needs CUDA streams; the same tokens reach the same experts
-                  moe_token_dispatcher_type="allgather")
+                  moe_layer_freq=layer_freq(family.moe_layers(config), config.num_hidden_layers), **TEACHER_ROUTING)
     if family.shared:
         kwargs.update(moe_shared_expert_intermediate_size=family.shared_width(config),
                       moe_shared_expert_gate=family.shared.gate is not None)
