@@ -31,18 +31,15 @@ def free_port() -> int:
 
 def apply_cpu_patches(setattr_=setattr) -> None:
     """The patches, for a process of our own (a spawned rank) or through pytest's monkeypatch.setattr."""
+    from megatron.core.fusions import fused_softmax
     from megatron.core.tensor_parallel import random as tp_random
-    from megatron.core.transformer.moe import moe_utils
+    from megatron.core.transformer.moe import moe_utils, router
 
     setattr_(torch.cuda, "current_device", lambda: "cpu")
     setattr_(torch.cuda, "synchronize", lambda *args, **kwargs: None)
     setattr_(tp_random.CudaRNGStatesTracker, "fork", contextlib.contextmanager(lambda self, name=None: (yield)))
     if not hasattr(moe_utils, "te_general_gemm"):
         setattr(moe_utils, "te_general_gemm", None)
-    from megatron.core.transformer.moe import router
-
-    from megatron.core.fusions import fused_softmax
-
     if hasattr(fused_softmax, "get_sliding_window_causal_mask"):  # builds its mask on device "cuda"
         def window_mask(sq, skv, window_size):
             m = torch.ones(sq, skv, dtype=torch.bool)

@@ -49,12 +49,9 @@ def _start_parallel_state(layout: ParallelSizes) -> None:
         else:
             dist.init_process_group("gloo")
     if parallel_state.model_parallel_is_initialized():
-        have = (parallel_state.get_tensor_model_parallel_world_size(),
-                parallel_state.get_pipeline_model_parallel_world_size(),
-                parallel_state.get_expert_model_parallel_world_size())
-        if have != (layout.tp, layout.pp, layout.ep):
-            raise M2DError(f"megatron-core is initialised for tp/pp/ep {have}, the conversion needs "
-                           f"{(layout.tp, layout.pp, layout.ep)}")
+        have = ParallelSizes.from_parallel_state()
+        if have != layout:
+            raise M2DError(f"megatron-core is initialised for {have}, the conversion needs {layout}")
         return
     parallel_state.initialize_model_parallel(layout.tp, layout.pp, virtual_pipeline_model_parallel_size=layout.vpp,
                                              expert_model_parallel_size=layout.ep)

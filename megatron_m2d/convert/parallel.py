@@ -1,6 +1,6 @@
 """Target parallel sizes of a Megatron checkpoint, checked against the model before anything is written.
 
-Pure arithmetic (no Megatron import), so a bad `--tp/--pp/--ep/--vpp` fails in a second with a one-line reason.
+Pure arithmetic (no Megatron import but in `from_parallel_state`), so a bad `--tp/--pp/--ep/--vpp` fails in a second with a one-line reason.
 """
 
 from __future__ import annotations
@@ -14,6 +14,15 @@ class ParallelSizes:
     pp: int = 1
     ep: int = 1
     vpp: int | None = None  # virtual pipeline stages per pipeline rank (interleaved schedule)
+
+    @classmethod
+    def from_parallel_state(cls) -> "ParallelSizes":
+        """The sizes megatron-core's parallel state is initialised with (the one method that imports it)."""
+        from megatron.core import parallel_state as ps
+
+        return cls(tp=ps.get_tensor_model_parallel_world_size(), pp=ps.get_pipeline_model_parallel_world_size(),
+                   ep=ps.get_expert_model_parallel_world_size(),
+                   vpp=ps.get_virtual_pipeline_model_parallel_world_size())
 
     @property
     def model_parallel_world(self) -> int:

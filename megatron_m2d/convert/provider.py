@@ -58,17 +58,12 @@ def read_provider_config(checkpoint: str | Path) -> ProviderConfig:
 def model_provider(checkpoint: str | Path, params_dtype: torch.dtype | None = None, parallel_output: bool = True,
                    use_te: bool | None = None, moe_grouped_gemm: bool | None = None):
     """A Megatron-style provider: (vp_stage=None) -> this rank's GPTModel, sized by the current parallel state."""
-    from megatron.core import parallel_state
-
     from megatron_m2d.convert.megatron_model import build_gpt_model
 
     provider = read_provider_config(checkpoint)
 
     def build(vp_stage: int | None = None):
-        sizes = ParallelSizes(tp=parallel_state.get_tensor_model_parallel_world_size(),
-                              pp=parallel_state.get_pipeline_model_parallel_world_size(),
-                              ep=parallel_state.get_expert_model_parallel_world_size(),
-                              vpp=parallel_state.get_virtual_pipeline_model_parallel_world_size())
+        sizes = ParallelSizes.from_parallel_state()
         return build_gpt_model(provider.hf_config, params_dtype or provider.dtype, sizes, provider.vocab_rows,
                                vp_stage=vp_stage, parallel_output=parallel_output, use_te=use_te,
                                moe_grouped_gemm=moe_grouped_gemm)
