@@ -118,6 +118,19 @@ def assert_logits_match(got, expected, atol):
     assert torch.allclose(got[..., :expected.shape[-1]], expected, atol=atol, rtol=0)
 
 
+def assert_round_trip(hf, tmp_path):
+    """HF -> streamed Megatron checkpoint -> HF gives the same tensor names, values and dtypes. Returns the
+    Megatron checkpoint and the exported directory."""
+    from megatron_m2d.convert.checkpoint import hf_to_megatron_checkpoint, megatron_to_hf_checkpoint
+
+    checkpoint = hf_to_megatron_checkpoint(hf, tmp_path / "megatron")
+    back = megatron_to_hf_checkpoint(checkpoint, tmp_path / "back")
+    original, restored = safetensors_dir(hf), safetensors_dir(back)
+    assert restored.keys() == original.keys()
+    assert all(torch.equal(restored[k], original[k]) and restored[k].dtype == original[k].dtype for k in original)
+    return checkpoint, back
+
+
 def ids_for(seed, length=16):
     return torch.randint(0, 259, (2, length), generator=torch.Generator().manual_seed(seed))
 
@@ -156,14 +169,8 @@ def test_parallel_sizes_name_what_does_not_divide():
 def test_dense_checkpoint_round_trip_and_logits(megatron_cpu, model_type, tmp_path):  # noqa: F811
     """HF -> Megatron checkpoint -> HF is bitwise, and the Megatron model gives HF's logits (fp32 on CPU: the two
     implementations order a few sums differently; 1e-4 on logits of order 1)."""
-    from megatron_m2d.convert.checkpoint import hf_to_megatron_checkpoint, megatron_to_hf_checkpoint
-
     hf = tiny_dense(tmp_path / "hf", model_type)
-    checkpoint = hf_to_megatron_checkpoint(hf, tmp_path / "megatron")
-    back = megatron_to_hf_checkpoint(checkpoint, tmp_path / "back")
-    original, restored = safetensors_dir(hf), safetensors_dir(back)
-    assert restored.keys() == original.keys()
-    assert all(torch.equal(restored[k], original[k]) for k in original)
+    checkpoint, back = assert_round_trip(hf, tmp_path)
     assert (back / "tokenizer.json").is_file() and "exported from Megatron-Core" in (back / "README.md").read_text()
     ids = ids_for(0)
     assert torch.equal(hf_logits(back, ids), hf_logits(hf, ids))
@@ -174,14 +181,8 @@ def test_dense_checkpoint_round_trip_and_logits(megatron_cpu, model_type, tmp_pa
 def test_moe_teacher_round_trip_and_logits(megatron_cpu, tiny, family, extra, tmp_path):  # noqa: F811
     """The teacher as saved on disk (per-expert keys) -> Megatron -> the same tensors; at TP1/EP1 (allgather
     dispatcher, sequential experts) the same routing and the same logits."""
-    from megatron_m2d.convert.checkpoint import hf_to_megatron_checkpoint, megatron_to_hf_checkpoint
-
     teacher = tiny(family, **extra)
-    checkpoint = hf_to_megatron_checkpoint(teacher, tmp_path / "megatron")
-    back = megatron_to_hf_checkpoint(checkpoint, tmp_path / "back")
-    original, restored = safetensors_dir(teacher), safetensors_dir(back)
-    assert restored.keys() == original.keys()
-    assert all(torch.equal(restored[k], original[k]) for k in original)
+    checkpoint, _ = assert_round_trip(teacher, tmp_path)
     ids = ids_for(3)
     assert_logits_match(megatron_logits(checkpoint, ids), hf_logits(teacher, ids), atol=1e-4)
 
@@ -191,7 +192,7 @@ def test_moe_teacher_round_trip_and_logits(megatron_cpu, tiny, family, extra, tm
 def test_deepseek_teacher_round_trip_and_logits(megatron_cpu, model_type, extra, tmp_path):  # noqa: F811
     """MLA (through our local core attention), a dense first layer, shared experts, V3's sigmoid routing with its
     fp32 correction bias and group-limited top-k, yarn: bitwise back, and HF's logits at fp32 (1e-4)."""
-    from megatron_m2d.convert.checkpoint import hf_to_megatron_checkpoint, megatron_to_hf_checkpoint
+    from megatron_m2d.convert.checkpoint import hf_to_megatron_checkpoint
     from megatron_m2d.convert.megatron_model import megatron_core_version
 
     teacher = tiny_deepseek(tmp_path / "hf", model_type, **extra)
@@ -199,11 +200,7 @@ def test_deepseek_teacher_round_trip_and_logits(megatron_cpu, model_type, extra,
         with pytest.raises(M2DError, match="without q compression"):
             hf_to_megatron_checkpoint(teacher, tmp_path / "megatron")
         return
-    checkpoint = hf_to_megatron_checkpoint(teacher, tmp_path / "megatron")
-    back = megatron_to_hf_checkpoint(checkpoint, tmp_path / "back")
-    original, restored = safetensors_dir(teacher), safetensors_dir(back)
-    assert restored.keys() == original.keys()
-    assert all(torch.equal(restored[k], original[k]) and restored[k].dtype == original[k].dtype for k in original)
+    checkpoint, _ = assert_round_trip(teacher, tmp_path)
     ids = ids_for(7)
     assert_logits_match(megatron_logits(checkpoint, ids), hf_logits(teacher, ids), atol=1e-4)
 
@@ -211,13 +208,8 @@ def test_deepseek_teacher_round_trip_and_logits(megatron_cpu, model_type, extra,
 def test_gpt_oss_teacher_round_trip_and_logits(megatron_cpu, tmp_path):  # noqa: F811
     """Sinks, sliding windows (every other layer), yarn, biased router and experts, clamped SwiGLU, fused
     interleaved experts stacked back on export: bitwise, and HF's logits at fp32 (1e-4)."""
-    from megatron_m2d.convert.checkpoint import hf_to_megatron_checkpoint, megatron_to_hf_checkpoint
-
     hf = tiny_gpt_oss(tmp_path / "hf")
-    checkpoint = hf_to_megatron_checkpoint(hf, tmp_path / "megatron")
-    back = megatron_to_hf_checkpoint(checkpoint, tmp_path / "back")
-    original, restored = safetensors_dir(hf), safetensors_dir(back)
-    assert restored.keys() == original.keys() and all(torch.equal(restored[k], original[k]) for k in original)
+    checkpoint, _ = assert_round_trip(hf, tmp_path)
     ids = ids_for(8)
     assert_logits_match(megatron_logits(checkpoint, ids), hf_logits(hf, ids), atol=1e-4)
 
@@ -254,15 +246,10 @@ def test_densified_fixture_student_converts_exactly(megatron_cpu, tmp_path):  # 
     """The student exactly as densify wrote it (tied embeddings, bf16 on disk) converts bitwise, and its Megatron
     logits match. A trained model's logits reach ~20, so fp32 re-association noise is ~1e-5 (upcast from bf16):
     1e-3 still catches any wrong tensor (those move logits by > 0.1)."""
-    from megatron_m2d.convert.checkpoint import hf_to_megatron_checkpoint, megatron_to_hf_checkpoint
-
     student = densify(FIXTURE_MOE, tmp_path / "dense", "gld_reap", data="fixture", progress=False,
                       calibration=dict(tokens=1024, seq_len=128)).path
-    checkpoint = hf_to_megatron_checkpoint(student, tmp_path / "megatron")
-    back = megatron_to_hf_checkpoint(checkpoint, tmp_path / "back")
-    original, restored = safetensors_dir(student), safetensors_dir(back)
-    assert restored.keys() == original.keys() and all(torch.equal(restored[k], original[k]) for k in original)
-    assert all(v.dtype == torch.bfloat16 for v in restored.values())
+    checkpoint, back = assert_round_trip(student, tmp_path)
+    assert all(v.dtype == torch.bfloat16 for v in safetensors_dir(back).values())
     ids = torch.randint(0, 4096, (1, 32), generator=torch.Generator().manual_seed(1))
     assert_logits_match(megatron_logits(checkpoint, ids), hf_logits(student, ids), atol=1e-3)
 
