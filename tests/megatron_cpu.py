@@ -46,7 +46,6 @@ def apply_cpu_patches(setattr_=setattr) -> None:
             return ~torch.tril(torch.triu(m, diagonal=skv - sq - window_size[0]), diagonal=skv - sq + window_size[1])
 
         setattr_(fused_softmax, "get_sliding_window_causal_mask", window_mask)
-    setattr_(torch._dynamo.config, "disable", True)  # 0.19 compiles routing helpers; dynamo fails on CPU there
     if hasattr(router, "router_gating_linear"):  # 0.19: a custom autograd function that asks for CUDA
         setattr_(router, "router_gating_linear", lambda inp, weight, bias, dtype: torch.nn.functional.linear(
             inp.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)))
@@ -65,6 +64,7 @@ def parallel_worker(rank: int, world: int, port: int, task: dict) -> None:
     from megatron_m2d.convert.provider import load_checkpoint, model_provider
 
     apply_cpu_patches()
+    torch._dynamo.config.disable = True  # a process of our own: nothing to restore
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     sizes = ParallelSizes(**task["sizes"])
@@ -116,8 +116,12 @@ def megatron_cpu(monkeypatch):
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     parallel_state.initialize_model_parallel(1, 1)
+    # 0.19 compiles routing helpers and dynamo fails on CPU there. torch's own config.patch restores the key:
+    # monkeypatch.setattr cannot, since dynamo's config keys are not module attributes (pytest >= 9.2 deletes
+    # such an attribute on undo instead of restoring it)
     try:
-        yield
+        with torch._dynamo.config.patch(disable=True):
+            yield
     finally:
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()

@@ -1,0 +1,5 @@
+import sys
+
+from megatron_m2d.cli import main
+
+sys.exit(main())

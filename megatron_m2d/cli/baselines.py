@@ -1,0 +1,37 @@
+"""`m2d d2d` and `m2d random-ffn`: the baselines a densified student is compared with at the same width."""
+
+from __future__ import annotations
+
+from megatron_m2d.cli.common import calibration_flags
+
+
+def register(commands) -> None:
+    p = commands.add_parser("d2d", help="baseline: dense-to-dense FFN width pruning of a dense teacher")
+    p.add_argument("--model", required=True, help="dense HF teacher")
+    p.add_argument("--width", type=int, required=True, help="FFN width to keep")
+    calibration_flags(p, data_required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(handler=run_d2d)
+
+    p = commands.add_parser("random-ffn", help="baseline: teacher attention with a freshly initialised dense FFN")
+    p.add_argument("--model", required=True, help="HF MoE teacher")
+    p.add_argument("--groups", type=int, help="width in experts, as densify's k (default: top-k)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(handler=run_random_ffn)
+
+
+def run_d2d(args) -> None:
+    from megatron_m2d.baselines.d2d import d2d
+
+    d2d(args.model, args.data, args.out, args.width, args.tokens, args.seq_len, args.batch_size, args.device,
+        args.dtype, args.seed, args.overwrite)
+
+
+def run_random_ffn(args) -> None:
+    from megatron_m2d.baselines.random_ffn import random_ffn
+
+    random_ffn(args.model, args.out, args.groups, args.seed, args.overwrite)

@@ -1,0 +1,50 @@
+"""`m2d convert`: HF <-> Megatron-Core distributed checkpoints (needs megatron-core; the rest of m2d does not)."""
+
+from __future__ import annotations
+
+import os
+
+from megatron_m2d.errors import M2DError
+
+
+def register(commands) -> None:
+    p = commands.add_parser("convert", help="HF <-> Megatron-Core distributed checkpoint (needs megatron-core)")
+    p.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
+    p.add_argument("--model", required=True, help="HF directory (hf-to-megatron) or m2d Megatron checkpoint")
+    for flag, what in (("--tp", "tensor"), ("--pp", "pipeline"), ("--ep", "expert")):
+        p.add_argument(flag, type=int, default=1, help=f"target {what} parallel size (checked against the model; "
+                       "one process writes a checkpoint that loads at any size, torchrun with tp*pp*ep ranks "
+                       "writes this layout)")
+    p.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per pipeline rank")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad the Megatron vocabulary to a multiple of this (must be divisible by --tp)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(handler=run_convert)
+
+
+def require_megatron_core() -> None:
+    """A one-line error where megatron-core is missing; its import notices silenced (none matters to m2d)."""
+    import importlib.util
+    import warnings
+
+    if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
+        raise M2DError("megatron-core is not installed: pip install 'megatron_m2d[megatron]'")
+    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine and Apex) (is|are) not installed.*")
+    warnings.filterwarnings("ignore", message=r".*cuda_graph.*")
+
+
+def run_convert(args) -> None:
+    require_megatron_core()
+    from megatron_m2d.convert import checkpoint
+
+    if args.direction == "hf-to-megatron":
+        from megatron_m2d.convert.parallel import ParallelSizes
+
+        sizes = ParallelSizes(tp=args.tp, pp=args.pp, ep=args.ep, vpp=args.vpp)
+        out = checkpoint.hf_to_megatron_checkpoint(args.model, args.out, sizes, args.overwrite,
+                                                   vocab_divisible_by=args.make_vocab_size_divisible_by)
+    else:
+        out = checkpoint.megatron_to_hf_checkpoint(args.model, args.out, args.overwrite)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank converts its shard; one reports
+        print(f"{args.direction}: {args.model} -> {out}")

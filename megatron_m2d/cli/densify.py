@@ -1,0 +1,70 @@
+"""`m2d densify` and `m2d sweep`: one dense student from a method, or a grid of methods evaluated."""
+
+from __future__ import annotations
+
+from megatron_m2d.cli.common import calibration_flags, comma_list
+from megatron_m2d.densification.grouping import GROUPINGS
+from megatron_m2d.densification.merge import MERGES, SCALINGS
+from megatron_m2d.densification.scoring import SCORINGS, KernelOptions
+
+
+def register(commands) -> None:
+    p = commands.add_parser("densify", help="score, select, group, merge and export a dense HF checkpoint")
+    p.add_argument("--model", required=True, help="HF MoE checkpoint directory (safetensors)")
+    p.add_argument("--stats", help="statistics from `m2d calibrate` (omit to calibrate first on --data)")
+    p.add_argument("--scoring", required=True, choices=list(SCORINGS))
+    p.add_argument("--select", type=int, help="K experts kept per layer (default: k)")
+    p.add_argument("--groups", type=int, help="k groups = dense width in experts (default: the model's top-k)")
+    p.add_argument("--grouping", default="round_robin", choices=list(GROUPINGS))
+    p.add_argument("--scaling", default="uniform", choices=list(SCALINGS))
+    p.add_argument("--merge", default="average", choices=list(MERGES))
+    p.add_argument("--merge-alpha", type=float, default=0.5, help="share of the others merged in by --merge partial")
+    p.add_argument("--kernel-gram", default="auto", choices=["auto", "all", "gated"],
+                   help="D-optimal Gram: all-token (needs calibrate --gram), gate-weighted, or auto (default): "
+                        "all-token when the statistics have it")
+    p.add_argument("--kernel-activation", default="reap", choices=["reap", "rms"], help="ACP weight of gld_reap")
+    p.add_argument("--kernel-lambda", type=float, default=1.0, help="ridge = this x mean(diag K) / k")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-shard-gb", type=float, default=1.0,
+                   help="largest safetensors shard written; one shard is held in memory while written (default 1)")
+    calibration_flags(p, data_required=False)
+    p.add_argument("--out", required=True, help="dense HF checkpoint directory to write")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(handler=run_densify)
+
+    p = commands.add_parser("sweep", help="evaluate a grid of methods from one calibration pass")
+    p.add_argument("--model", required=True)
+    p.add_argument("--stats", help="statistics (omit to calibrate first on --data, with --gram)")
+    p.add_argument("--data", help="calibration text when --stats is omitted")
+    p.add_argument("--scorings", default=",".join(SCORINGS))
+    p.add_argument("--groupings", default=",".join(GROUPINGS))
+    p.add_argument("--scalings", default=",".join(SCALINGS))
+    p.add_argument("--select", help="comma-separated K values (default: k)")
+    p.add_argument("--groups", type=int, help="k (default: the model's top-k)")
+    p.add_argument("--eval-data", default="fixture")
+    p.add_argument("--eval-tokens", type=int, default=16384)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--save-checkpoints", action="store_true", help="also write every dense checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(handler=run_sweep)
+
+
+def run_densify(args) -> None:
+    from megatron_m2d.densification.run import densify
+
+    kernel = KernelOptions(args.kernel_gram, args.kernel_activation, args.kernel_lambda)
+    calibration = dict(tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size, gram=args.gram,
+                       device=args.device, dtype=args.dtype, seed=args.seed)
+    densify(args.model, args.out, args.scoring, select=args.select, groups=args.groups, stats=args.stats,
+            data=args.data, overwrite=args.overwrite, calibration=calibration, grouping=args.grouping,
+            scaling=args.scaling, merge=args.merge, merge_alpha=args.merge_alpha, kernel=kernel,
+            seed=args.seed, max_shard_bytes=int(args.max_shard_gb * 1024**3))
+
+
+def run_sweep(args) -> None:
+    from megatron_m2d.sweep.run import sweep
+
+    sweep(args.model, args.out, comma_list(args.scorings), comma_list(args.groupings), comma_list(args.scalings),
+          [int(k) for k in comma_list(args.select)] if args.select else None, args.groups, args.stats, args.data,
+          args.eval_data, args.eval_tokens, args.seq_len, seed=args.seed, save_checkpoints=args.save_checkpoints)
