@@ -21,7 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from megatron_m2d import __version__
-from megatron_m2d.convert.dcp_stream import Chunk, ChunkReader, model_chunks, save_streaming
+from megatron_m2d.convert.dcp_read import ChunkReader
+from megatron_m2d.convert.dcp_stream import Chunk, model_chunks, save_streaming
 from megatron_m2d.convert.dense_mapping import padded_vocab
 from megatron_m2d.convert.mapping import hf_sources, split_source, stack_rows
 from megatron_m2d.convert.megatron_model import build_gpt_model, table_for, transformer_config_kwargs

@@ -8,8 +8,8 @@ chunk's data is computed from the HF shards only when the writer asks for it, in
 bytes per file. Reading back uses DCP's resharding reads, so any TP/PP/EP layout Megatron saved is readable.
 
 On disk: `.metadata` (DCP, pickled by torch), `__{rank}_{n}.distcp`, `metadata.json` (Megatron's backend tag) and
-`common.pt` (Megatron's non-sharded state, empty for a bare model). We never unpickle anything but `.metadata`,
-and that through an allowlist of DCP's metadata classes.
+`common.pt` (Megatron's non-sharded state, empty for a bare model). Reading back is `dcp_read`, which unpickles
+nothing from these files but named DCP classes and torch's weights_only archives.
 """
 
 from __future__ import annotations
@@ -17,20 +17,16 @@ from __future__ import annotations
 import io
 import json
 import math
-import pickle
 import queue
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, MetadataIndex, TensorProperties,
-                                                   TensorStorageMetadata)
-from torch.distributed.checkpoint.planner import (LoadPlan, LoadPlanner, SavePlan, TensorWriteData, WriteItem,
-                                                  WriteItemType)
-from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
 from megatron_m2d.errors import M2DError
 
@@ -192,100 +188,3 @@ def save_streaming(path: Path, chunks: list[Chunk], objects: list[ObjectChunk],
     if rank == 0:
         (path / "metadata.json").write_text(json.dumps(MEGATRON_BACKEND))
         torch.save({}, path / "common.pt")  # Megatron's loader expects it; nothing of a bare model is common
-
-
-# ---- reading ----------------------------------------------------------------------------------------------
-
-_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
-                     "torch.distributed.checkpoint.planner", "torch.distributed.checkpoint._extension",
-                     "torch.distributed.checkpoint.storage", "collections", "torch._utils")
-_METADATA_NAMES = {("torch", "Size"), ("torch", "device"), ("torch", "layout"), ("torch", "memory_format"),
-                   ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
-                   ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "getattr"), ("builtins", "slice")}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """`.metadata` is a pickle (DCP's format): allow DCP's metadata classes and torch dtypes, nothing else."""
-
-    def find_class(self, module, name):
-        if module in _METADATA_MODULES or (module, name) in _METADATA_NAMES or (
-                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
-            return super().find_class(module, name)
-        raise M2DError(f"refusing to unpickle {module}.{name} from a checkpoint's .metadata")
-
-
-class _SafeReader(FileSystemReader):
-    def read_metadata(self, *args, **kwargs):
-        path = Path(self.path) / ".metadata"
-        try:
-            with open(path, "rb") as f:
-                metadata = _MetadataUnpickler(f).load()
-        except FileNotFoundError:
-            raise M2DError(f"{self.path} is not a Megatron distributed checkpoint (no .metadata)") from None
-        except (pickle.UnpicklingError, EOFError, AttributeError) as e:
-            raise M2DError(f"{path} is unreadable ({e})") from None
-        metadata.storage_meta = getattr(metadata, "storage_meta", None)
-        return metadata
-
-
-class _ChunkLoadPlanner(LoadPlanner):
-    """Reads the requested (key, offsets) -> destination tensors, resharding from whatever chunks were saved."""
-
-    def __init__(self, requests: dict[tuple[str, tuple[int, ...]], torch.Tensor]):
-        self.requests = requests
-
-    def set_up_planner(self, state_dict, metadata=None, is_coordinator=False) -> None:
-        self.metadata = metadata
-
-    def create_local_plan(self) -> LoadPlan:
-        items = []
-        for (key, offsets), dest in self.requests.items():
-            stored = self.metadata.state_dict_metadata.get(key)
-            if not isinstance(stored, TensorStorageMetadata):
-                raise M2DError(f"checkpoint has no tensor {key!r}")
-            chunk = ChunkStorageMetadata(torch.Size(offsets), dest.shape)
-            items += create_read_items_for_chunk_list(key, stored, [chunk])  # dest_index = (key, offsets)
-        return LoadPlan(items)
-
-    def create_global_plan(self, global_plan):
-        return global_plan
-
-    def finish_plan(self, central_plan):
-        return central_plan
-
-    def load_bytes(self, read_item, value) -> None:
-        raise M2DError("internal error: object reads are not planned")
-
-    def resolve_tensor(self, read_item):
-        dest = self.requests[(read_item.dest_index.fqn, tuple(read_item.dest_index.offset))]
-        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
-            dest = dest.narrow(dim, start, length)
-        return dest
-
-    def commit_tensor(self, read_item, tensor) -> None:
-        pass  # resolve_tensor handed out a view of the destination; the reader copied into it
-
-
-class ChunkReader:
-    """Reads chunks of a `torch_dist` checkpoint (ours or one Megatron saved under any TP/PP/EP)."""
-
-    def __init__(self, path: Path):
-        self.reader = _SafeReader(str(path))
-        self.metadata = self.reader.read_metadata()
-        self.reader.set_up_storage_reader(self.metadata, True)
-
-    def keys(self) -> Iterable[str]:
-        return self.metadata.state_dict_metadata.keys()
-
-    def global_shape(self, key: str) -> tuple[int, ...] | None:
-        stored = self.metadata.state_dict_metadata.get(key)
-        return tuple(stored.size) if isinstance(stored, TensorStorageMetadata) else None
-
-    def read(self, chunks: list[Chunk]) -> dict[tuple[str, tuple[int, ...]], torch.Tensor]:
-        requests = {(c.key, c.offsets): torch.empty(c.sizes, dtype=c.dtype) for c in chunks}
-        planner = _ChunkLoadPlanner(requests)
-        planner.set_up_planner({}, self.metadata, True)
-        plan = self.reader.prepare_local_plan(planner.create_local_plan())
-        plan = planner.finish_plan(self.reader.prepare_global_plan([plan])[0])
-        self.reader.read_data(plan, planner).wait()
-        return requests

@@ -74,17 +74,16 @@ def model_provider(checkpoint: str | Path, params_dtype: torch.dtype | None = No
 def load_checkpoint(model, checkpoint: str | Path) -> None:
     """Load a converted checkpoint into a Megatron model of any parallel layout and either layer spec. Extra
     states (Transformer Engine's FP8 metadata) that the checkpoint does not hold start fresh; every weight must
-    be there."""
-    from megatron.core import dist_checkpointing
+    be there. Read through `dcp_read` (never megatron-core's reader, which unpickles the files freely)."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    from megatron_m2d.convert.dcp_stream import ChunkReader
+    from megatron_m2d.convert.dcp_read import ChunkReader, load_sharded
 
-    stored = set(ChunkReader(Path(checkpoint)).keys())
-    sharded = model.sharded_state_dict()
-    sharded = {k: v for k, v in sharded.items()
+    reader = ChunkReader(checkpoint)
+    stored = set(reader.keys())
+    sharded = {k: v for k, v in model.sharded_state_dict().items()
                if not (isinstance(v, ShardedObject) and v.unique_key not in stored)}
-    state = dist_checkpointing.load(sharded, str(checkpoint))
+    state = load_sharded(reader, sharded)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
