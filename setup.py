@@ -18,10 +18,13 @@ setup(
     ],
     extras_require={
         # The Megatron path (conversion, distillation at scale). The offline tool never imports these.
-        "megatron": ["megatron-core>=0.16.1", "nvidia-modelopt>=0.47", "requests"],
+        # sentencepiece + protobuf: transformers converts a tokenizer.model-only tokenizer (Llama-2, Mixtral) with them
+        "megatron": ["megatron-core>=0.16.1", "nvidia-modelopt>=0.47", "requests", "sentencepiece", "protobuf"],
         "eval": ["lm-eval>=0.4", "datasets", "accelerate"],
         # the tests exercise the lm-eval integration and the Megatron-Core conversion (CPU, gloo) too
-        "dev": ["pytest>=8", "pytest-timeout", "lm-eval>=0.4", "datasets", "accelerate", "megatron-core>=0.16.1"],
+        # mistral-common ships Mixtral's real sentencepiece model (the preprocessing tests read it offline)
+        "dev": ["pytest>=8", "pytest-timeout", "lm-eval>=0.4", "datasets", "accelerate", "megatron-core>=0.16.1",
+                "sentencepiece", "protobuf", "mistral-common", "hypothesis"],
     },
     entry_points={"console_scripts": ["m2d=megatron_m2d.cli:main"]},
 )

@@ -19,7 +19,8 @@ from megatron_m2d.errors import M2DError
 TEXT_SUFFIXES = (".txt", ".jsonl")
 
 
-def _files(path: Path) -> list[Path]:
+def text_files(path: Path) -> list[Path]:
+    """`path` itself when it is a .txt/.jsonl file, else every .txt/.jsonl file under it, in sorted order."""
     if path.is_file():
         if path.suffix not in TEXT_SUFFIXES:
             raise M2DError(f"unsupported data file {path}: use .txt or .jsonl (field 'text')")
@@ -30,18 +31,25 @@ def _files(path: Path) -> list[Path]:
     return files
 
 
+def jsonl_text(line: str, field: str, where: str) -> str | None:
+    """The `field` of one JSON Lines record (None for a blank line); `where` ("file:line") names it in errors."""
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        raise M2DError(f"{where}: not valid JSON") from None
+    if not isinstance(record, dict) or field not in record:
+        raise M2DError(f"{where}: no field {field!r}")
+    return str(record[field])
+
+
 def _read_jsonl(path: Path, field: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8", errors="replace") as handle:
         for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise M2DError(f"{path}:{number}: not valid JSON") from None
-            if not isinstance(record, dict) or field not in record:
-                raise M2DError(f"{path}:{number}: no field {field!r}")
-            yield str(record[field])
+            text = jsonl_text(line, field, f"{path}:{number}")
+            if text is not None:
+                yield text
 
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -97,7 +105,7 @@ def _read(source: str, field: str, split: str | None) -> list[str]:
     path = Path(source)
     if path.exists():
         documents: list[str] = []
-        for file in _files(path):
+        for file in text_files(path):
             if file.suffix == ".jsonl":
                 documents.extend(_read_jsonl(file, field))
             else:

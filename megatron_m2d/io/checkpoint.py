@@ -132,5 +132,5 @@ def load_tokenizer(model: str | Path):
 
     try:
         return AutoTokenizer.from_pretrained(model)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ImportError) as exc:  # ImportError: a sentencepiece model without sentencepiece
         raise M2DError(f"cannot load the tokenizer of {model}: {str(exc).splitlines()[0]}") from None
