@@ -104,6 +104,31 @@ def run_parallel(world: int, **task) -> None:
                                                          for k, v in task.items()}), nprocs=world, join=True)
 
 
+def _gloo_rank(rank: int, world: int, port: int, target, args: tuple) -> None:
+    """One rank of run_gloo: the CPU patches, a gloo group of `world`, then target(rank, world, *args)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    apply_cpu_patches()
+    torch._dynamo.config.disable = True  # a process of our own: nothing to restore
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        target(rank, world, *args)
+    finally:
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def run_gloo(world: int, target, *args) -> None:
+    """target(rank, world, *args) on `world` spawned gloo processes; `target` must be a module-level function
+    (spawn pickles it by name) and `args` picklable. A failure on any rank fails the call."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gloo_rank, args=(world, free_port(), target, args), nprocs=world, join=True)
+
+
 @pytest.fixture
 def megatron_cpu(monkeypatch):
     """A single-process gloo group with tensor/pipeline parallel size 1, and the CPU patches applied."""

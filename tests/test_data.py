@@ -35,7 +35,8 @@ def test_blocks_are_packed_with_end_of_text_and_seeded(tmp_path):
 
 
 @pytest.mark.parametrize("content,message", [('{"text": "ok"}\nnot json\n', ":2: not valid JSON"),
-                                             ('{"body": "x"}\n', "no field 'text'")])
+                                             ('{"body": "x"}\n', "no field 'text'"),
+                                             ('{"text": null}\n{"text": 5}\n', ":2: field 'text' holds a int")])
 def test_bad_jsonl(tmp_path, content, message):
     (tmp_path / "d.jsonl").write_text(content)
     with pytest.raises(M2DError, match=message):

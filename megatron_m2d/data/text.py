@@ -41,7 +41,12 @@ def jsonl_text(line: str, field: str, where: str) -> str | None:
         raise M2DError(f"{where}: not valid JSON") from None
     if not isinstance(record, dict) or field not in record:
         raise M2DError(f"{where}: no field {field!r}")
-    return str(record[field])
+    text = record[field]
+    if text is None:  # a record without text is an empty document
+        return None
+    if not isinstance(text, str):
+        raise M2DError(f"{where}: field {field!r} holds a {type(text).__name__}, not text")
+    return text
 
 
 def _read_jsonl(path: Path, field: str) -> Iterator[str]:
