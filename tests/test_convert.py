@@ -212,19 +212,34 @@ def test_gpt_oss_teacher_round_trip_and_logits(megatron_cpu, tmp_path):  # noqa:
     assert_logits_match(megatron_logits(checkpoint, ids), hf_logits(hf, ids), atol=1e-4)
 
 
-def test_mxfp4_experts_are_refused(tmp_path):
-    """The hub's GPT-OSS stores experts as MXFP4 blocks and scales: say how to dequantise, write nothing."""
-    from safetensors.torch import save_file
+def test_mxfp4_teacher_converts_dequantised(megatron_cpu, tmp_path):  # noqa: F811
+    """GPT-OSS as published stores experts as MXFP4 blocks and scales: the converter dequantises them one expert at
+    a time; the checkpoint exports back to exactly transformers' own dequantisation of the same tensors (everything
+    else bitwise), without a quantization_config, and gives the dequantised HF model's logits."""
+    import json
 
-    from megatron_m2d.convert.checkpoint import hf_to_megatron_checkpoint
+    from transformers import Mxfp4Config
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    hf = tiny_gpt_oss(tmp_path / "hf")
-    tensors = load_file(hf / "model.safetensors")
-    tensors["model.layers.0.mlp.experts.gate_up_proj_blocks"] = tensors.pop("model.layers.0.mlp.experts.gate_up_proj")
-    save_file(tensors, hf / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(M2DError, match="MXFP4"):
-        hf_to_megatron_checkpoint(hf, tmp_path / "megatron")
-    assert not (tmp_path / "megatron").exists()
+    from megatron_m2d.convert.checkpoint import hf_to_megatron_checkpoint, megatron_to_hf_checkpoint
+    from megatron_m2d.testing.tiny import with_mxfp4_experts
+
+    hf = with_mxfp4_experts(tiny_gpt_oss(tmp_path / "hf"), tmp_path / "mxfp4")
+    checkpoint = hf_to_megatron_checkpoint(hf, tmp_path / "megatron")
+    back = safetensors_dir(megatron_to_hf_checkpoint(checkpoint, tmp_path / "back"))
+    packed = safetensors_dir(hf)
+    expected = {k: v for k, v in packed.items() if not k.endswith(("_blocks", "_scales"))}
+    for name in [k.removesuffix("_blocks") for k in packed if k.endswith("_blocks")]:
+        expected[name] = convert_moe_packed_tensors(packed[name + "_blocks"], packed[name + "_scales"],
+                                                    dtype=torch.float32)
+    assert back.keys() == expected.keys()
+    assert all(torch.equal(back[k], expected[k]) for k in expected)
+    assert "quantization_config" not in json.loads((tmp_path / "back" / "config.json").read_text())
+    teacher = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32,
+                                                   quantization_config=Mxfp4Config(dequantize=True)).eval()
+    ids = ids_for(9)
+    with torch.no_grad():
+        assert_logits_match(megatron_logits(checkpoint, ids), teacher(input_ids=ids).logits, atol=1e-4)
 
 
 @pytest.mark.parametrize("model_type,extra,message", [

@@ -13,6 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from megatron_m2d.densification.run import densify
+from megatron_m2d.families import FAMILIES as ADAPTERS
+from megatron_m2d.testing.tiny import tiny_config
 from tests.conftest import FAMILIES
 
 ATOL = 1e-4
@@ -32,28 +34,43 @@ def load_report(path):
 def identical_experts(model):
     for layer in model.model.layers:
         mlp = layer.mlp
-        if hasattr(mlp, "experts"):
-            mlp.experts.gate_up_proj[:] = mlp.experts.gate_up_proj[0].clone()
-            mlp.experts.down_proj[:] = mlp.experts.down_proj[0].clone()
+        if hasattr(mlp, "experts"):  # every stack, biases included (GPT-OSS)
+            for param in mlp.experts.parameters(recurse=False):
+                param[:] = param[0].clone()
         if hasattr(mlp, "shared_expert_gate"):  # a constant sigmoid gate (0.5): its calibration mean is exact
             mlp.shared_expert_gate.weight.zero_()
 
 
 def constant_router(model):
     for layer in model.model.layers:
-        if hasattr(layer.mlp, "gate"):
-            layer.mlp.gate.weight.zero_()
+        router = getattr(layer.mlp, "gate", None) or getattr(layer.mlp, "router", None)
+        if router is not None:  # weight, GPT-OSS's bias and DeepSeek-V3's correction bias
+            for tensor in [*router.parameters(), *router.buffers()]:
+                tensor.zero_()
         if hasattr(layer.mlp, "shared_expert_gate"):
             layer.mlp.shared_expert_gate.weight.zero_()
+
+
+def model_type(family):
+    return tiny_config(family).model_type
+
+
+def renormalises(family):
+    """Whether the tiny teacher's top-k weights can be made to sum to one (norm_topk_prob where it is a choice):
+    transformers' DeepSeek-V2 router never renormalises, so identical experts are not exact there."""
+    adapter = ADAPTERS[model_type(family)]
+    return adapter.renormalizes(tiny_config(family, norm_topk_prob=True))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("select,grouping", [(2, "round_robin"), (5, "output_cluster")])
 def test_identical_experts_are_exact(family, select, grouping, tiny, text_dir, tmp_path):
-    """(a) All experts identical, renormalising router, uniform scaling: dense == MoE. With K > k the groups
-    merge identical experts, which is still exact."""
-    extra = {} if family == "mixtral" else {"norm_topk_prob": True}
-    teacher = tiny(family, edit=identical_experts, **extra)
+    """(a) All experts identical, renormalising router, uniform scaling: dense == MoE (DeepSeek-V3 with its
+    routed_scaling_factor 2.5 and shared expert, GPT-OSS with its biases). With K > k the groups merge identical
+    experts, which is still exact."""
+    if not renormalises(family):
+        pytest.skip("the router never renormalises: covered by the all-experts-active test")
+    teacher = tiny(family, edit=identical_experts, norm_topk_prob=True)
     student = densify(teacher, tmp_path / "dense", "selection_freq", select=select, grouping=grouping,
                       data=str(text_dir), progress=False, calibration=dict(tokens=512, seq_len=64)).path
     assert load_report(student) == {}
@@ -64,10 +81,12 @@ def test_identical_experts_are_exact(family, select, grouping, tiny, text_dir, t
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_all_experts_active_constant_router_is_exact(family, tiny, text_dir, tmp_path):
-    """(b) top-k = E, constant router, K = E: each expert weighs 1/E, as uniform scaling gives."""
+    """(b) top-k = E, constant router, K = E: each expert weighs 1/E (times DeepSeek's routed_scaling_factor), as
+    uniform scaling gives."""
     num_experts = 4
-    field = "num_local_experts" if family == "mixtral" else "num_experts"
-    teacher = tiny(family, edit=constant_router, **{field: num_experts, "num_experts_per_tok": num_experts})
+    field = ADAPTERS[model_type(family)].num_experts_field
+    groups = {"n_group": 1, "topk_group": 1} if model_type(family) == "deepseek_v3" else {}
+    teacher = tiny(family, edit=constant_router, **{field: num_experts, "num_experts_per_tok": num_experts}, **groups)
     student = densify(teacher, tmp_path / "dense", "conditional_prob", select=num_experts,
                       data=str(text_dir), progress=False, calibration=dict(tokens=512, seq_len=64)).path
     ids = torch.randint(0, 259, (2, 24), generator=torch.Generator().manual_seed(2))

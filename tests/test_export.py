@@ -8,11 +8,12 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from megatron_m2d.calibration.inspect import format_table, inspect_stats
 from megatron_m2d.calibration.run import calibrate
 from megatron_m2d.densification.run import densify
+from megatron_m2d.families import family_of
 from tests.conftest import FAMILIES
 
 
@@ -26,7 +27,8 @@ def dense_tensors(path):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_export_is_a_complete_hf_directory(family, tiny, text_dir, tmp_path):
     teacher = tiny(family)
-    result = densify(teacher, tmp_path / "dense", "gld_reap", select=4, grouping="dominant_expert",
+    top_k = family_of(AutoConfig.from_pretrained(teacher)).top_k(AutoConfig.from_pretrained(teacher))
+    result = densify(teacher, tmp_path / "dense", "gld_reap", select=top_k + 2, grouping="dominant_expert",
                      scaling="proportional", data=str(text_dir), progress=False,
                      calibration=dict(tokens=512, seq_len=64))
     out = result.path
@@ -36,9 +38,12 @@ def test_export_is_a_complete_hf_directory(family, tiny, text_dir, tmp_path):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(dense_tensors(out))
     config = json.loads((out / "config.json").read_text())
-    if result.plan["student"]["layout"] == "dense":
-        assert not any("expert" in key for key in config), config
-    model = AutoModelForCausalLM.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)  # no custom code: transformers' own class
+    assert "auto_map" not in config and "quantization_config" not in config
+    if result.plan["student"]["layout"] == "dense":  # a dense class, or the family's own with every layer dense
+        assert not any("expert" in name for name, _ in model.named_modules())
+        if "expert" in "".join(config):
+            assert config["first_k_dense_replace"] == config["num_hidden_layers"], config
     tokenizer = AutoTokenizer.from_pretrained(out)
     ids = tokenizer("Fair is foul", return_tensors="pt").input_ids
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3

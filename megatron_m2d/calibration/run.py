@@ -55,6 +55,7 @@ def calibrate(model: str | Path, data: str, out: str | Path, tokens: int = 65536
     out = check_output_path(out, overwrite)
     ckpt = Checkpoint(model)
     family = family_of(ckpt.config)
+    family.check_experts(ckpt)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     blocks = token_blocks(load_tokenizer(ckpt.path), data, tokens, seq_len, seed)

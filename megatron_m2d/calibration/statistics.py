@@ -10,14 +10,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from megatron_m2d.families.experts import expert_forward, expert_outputs
+
 # Tokens per chunk when every expert runs on every token (--gram): bounds the E x chunk x (2I + H) buffer.
 GRAM_CHUNK_ELEMENTS = 16 * 1024**2
 
-
-def expert_forward(experts: nn.Module, expert: int, x: torch.Tensor) -> torch.Tensor:
-    """E_i(x): one expert's SwiGLU output before gating, computed as transformers' fused experts do."""
-    gate, up = nn.functional.linear(x, experts.gate_up_proj[expert]).chunk(2, dim=-1)
-    return nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[expert])
+__all__ = ["MoEStatistics", "expert_forward"]
 
 
 class MoEStatistics:
@@ -31,7 +29,8 @@ class MoEStatistics:
         self.sums: dict[str, torch.Tensor] = {
             "tokens": torch.zeros((), **f64),
             "count": torch.zeros(E, dtype=torch.int64),  # times i was among the top-k
-            "prob_sum": torch.zeros(E, **f64),  # sum_t p_t,i (softmax over all E)
+            "prob_sum": torch.zeros(E, **f64),  # sum_t p_t,i (softmax over all E; DeepSeek-V3: sigmoid scores)
+            "prob_selected_sum": torch.zeros(E, **f64),  # sum_t p_t,i over tokens routed to i (the paper's CP)
             "weight_sum": torch.zeros(E, **f64),  # sum_t g_t,i over tokens routed to i
             "reap_sum": torch.zeros(E, **f64),  # sum_t g_t,i ||E_i(x_t)|| over tokens routed to i
             "out_sum": torch.zeros(E, hidden, **f64),  # sum of E_i(x_t) over tokens routed to i
@@ -46,16 +45,17 @@ class MoEStatistics:
             self.sums["shared_gate_sum"] = torch.zeros((), **f64)  # sum_t sigmoid(shared_expert_gate(x_t))
 
     @torch.no_grad()
-    def update(self, moe_block: nn.Module, x: torch.Tensor, route=None) -> None:
+    def update(self, moe_block: nn.Module, x: torch.Tensor, route) -> None:
         """Add the tokens `x` [T, H] (the MoE block's input) routed by the block's own router (`route`:
-        the family's routing, by default transformers' `moe_block.gate`, exactly what the model does)."""
+        the family's `route`, transformers' router module: the selection and weights the model makes)."""
         x = x.reshape(-1, x.shape[-1])
-        logits, weights, indices = (route or (lambda block, h: block.gate(h)))(moe_block, x)
+        logits, weights, indices, probs = route(moe_block, x)
         sums, E, cpu = self.sums, self.num_experts, torch.device("cpu")
-        probs = torch.softmax(logits.float(), dim=-1)
         sums["tokens"] += x.shape[0]
         sums["count"] += torch.bincount(indices.flatten(), minlength=E).to(cpu)
         sums["prob_sum"] += probs.sum(0).to(cpu, torch.float64)
+        sums["prob_selected_sum"] += torch.zeros(E, dtype=torch.float64, device=x.device).index_add_(
+            0, indices.flatten(), probs.gather(1, indices).flatten().to(torch.float64)).cpu()
         flat_idx, flat_w = indices.flatten(), weights.flatten().to(torch.float64)
         sums["weight_sum"] += torch.zeros(E, dtype=torch.float64, device=x.device).index_add_(0, flat_idx, flat_w).cpu()
         z = logits.to(torch.float64)
@@ -85,11 +85,11 @@ class MoEStatistics:
 
     def _update_full_gram(self, experts: nn.Module, x: torch.Tensor) -> None:
         E = self.num_experts
-        width = experts.gate_up_proj.shape[1] + x.shape[-1]
+        width = experts.gate_up_proj[0].numel() // x.shape[-1] + x.shape[-1]  # 2I + H, whatever the layout
         chunk = max(1, GRAM_CHUNK_ELEMENTS // (E * width))
         for start in range(0, x.shape[0], chunk):
             part = x[start:start + chunk]
-            outputs = torch.stack([expert_forward(experts, e, part) for e in range(E)]).float()  # [E, n, H]
+            outputs = expert_outputs(experts, part).float()  # [E, n, H]
             flat = outputs.reshape(E, -1)
             self.sums["gram"] += (flat @ flat.T).to(torch.float64).cpu()
             self.sums["out_sum_all"] += outputs.sum(1).to(torch.float64).cpu()

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from megatron_m2d.errors import M2DError
 
 META = "meta.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: prob_selected_sum (the paper's CP), probs from the family's router
 
 
 def layer_file(layer: int) -> str:

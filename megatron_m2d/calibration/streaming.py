@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from megatron_m2d.errors import M2DError
 from megatron_m2d.families.base import LAYERS, Family
+from megatron_m2d.families.experts import pack_expert
 from megatron_m2d.io.checkpoint import Checkpoint
 
 
@@ -38,13 +39,15 @@ class LayerStreamer:
         """`family` None: a dense model (the D2D baseline's teacher), whose layers load as they are on disk."""
         self.ckpt, self.family, self.device, self.dtype = ckpt, family, torch.device(device), dtype
         config = copy.deepcopy(ckpt.config)
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = family.attention if family is not None else "sdpa"
         config.use_cache = False
         self.config = config
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
         base = skeleton.model
         self.layer_classes = [type(layer) for layer in base.layers]
+        # buffers transformers keeps in fp32 whatever the model's dtype (DeepSeek-V3's correction bias)
+        self.fp32_names = tuple(getattr(type(skeleton), "_keep_in_fp32_modules_strict", None) or ())
         self.record: dict[int, tuple] = {}
         base.layers = nn.ModuleList(_Catcher(i, self.record, layer) for i, layer in enumerate(base.layers))
         embedding = ckpt.get("model.embed_tokens.weight").to(device=self.device, dtype=dtype)
@@ -97,7 +100,7 @@ class LayerStreamer:
                 name = "mlp." + name[len(self.family.moe_block) + 1:]
             state[name] = self.ckpt.get(key)
         if "mlp.experts.gate_up_proj" in wanted:
-            state.update(self._fused_experts(index, wanted))
+            state.update(self._fused_experts(index, layer))
         missing = sorted(set(wanted) - set(state))
         if missing:
             raise M2DError(f"layer {index}: tensors missing from the checkpoint: {', '.join(missing[:4])}")
@@ -107,15 +110,23 @@ class LayerStreamer:
                                f"config says {tuple(wanted[name].shape)}")
         layer.load_state_dict({k: v for k, v in state.items() if k in wanted}, strict=True, assign=True)
         self.ckpt.release()
-        return layer.to(device=self.device, dtype=self.dtype).eval()
+        layer = layer.to(device=self.device, dtype=self.dtype).eval()
+        for name, tensor in [*layer.named_parameters(), *layer.named_buffers()]:
+            if name in state and any(part in name for part in self.fp32_names):
+                tensor.data = state[name].to(device=self.device, dtype=torch.float32)
+        return layer
 
-    def _fused_experts(self, index: int, wanted: dict) -> dict[str, torch.Tensor]:
-        """The in-memory [E, 2I, H] / [E, H, I] expert stacks, filled expert by expert (never two copies)."""
-        gate_up = torch.empty(wanted["mlp.experts.gate_up_proj"].shape, dtype=self.ckpt.dtype())
-        down = torch.empty(wanted["mlp.experts.down_proj"].shape, dtype=gate_up.dtype)
-        width = gate_up.shape[1] // 2
-        for e in range(gate_up.shape[0]):
-            expert = self.family.read_expert(self.ckpt, index, e)
-            gate_up[e, :width], gate_up[e, width:], down[e] = expert.gate, expert.up, expert.down
+    def _fused_experts(self, index: int, layer: nn.Module) -> dict[str, torch.Tensor]:
+        """The in-memory expert stacks, filled expert by expert in the module's own layout (never two copies)."""
+        experts = layer.mlp.experts
+        stacks = {name: torch.empty(param.shape, dtype=self.ckpt.dtype())
+                  for name, param in experts.named_parameters(recurse=False)}
+        for e in range(next(iter(stacks.values())).shape[0]):
+            rows = pack_expert(experts, self.family.read_expert(self.ckpt, index, e))
+            for name, row in rows.items():
+                if name not in stacks or tuple(row.shape) != tuple(stacks[name].shape[1:]):
+                    raise M2DError(f"layer {index}: expert {e}'s {name} has shape {tuple(row.shape)}, the config "
+                                   f"says {tuple(stacks[name].shape[1:]) if name in stacks else 'none'}")
+                stacks[name][e] = row
             self.ckpt.release()  # read pages of a mapped shard count as resident until it is unmapped
-        return {"mlp.experts.gate_up_proj": gate_up, "mlp.experts.down_proj": down}
+        return {f"mlp.experts.{name}": stack for name, stack in stacks.items()}

@@ -12,6 +12,7 @@ any layout), maps them back and writes HF safetensors shards.
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 from contextlib import ExitStack, contextmanager
@@ -152,9 +153,6 @@ def hf_to_megatron_checkpoint(model: str | Path, out: str | Path, parallel: Para
         raise M2DError("; ".join(problems))
     table = table_for(config, vocab_rows)
     available = set(ckpt.keys())
-    if any(k.endswith("_blocks") for k in available):
-        raise M2DError(f"{model}: experts are MXFP4-quantised on disk; save a dequantised copy first (transformers: "
-                       "from_pretrained(..., quantization_config=Mxfp4Config(dequantize=True)).save_pretrained)")
     missing = sorted(hf_sources(table) - available)
     tied_head = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     unused = sorted(available - hf_sources(table) - tied_head)
@@ -175,7 +173,11 @@ def hf_to_megatron_checkpoint(model: str | Path, out: str | Path, parallel: Para
         save_streaming(tmp, chunks, objects, _ParameterSource(ckpt, table, bar), process_group=group)
         if coordinator:
             others = {k: str(ckpt.dtype_of(k)).removeprefix("torch.") for k in sorted(available)}
-            provider = ProviderConfig(config, parallel, vocab_rows, dtype,
+            # MXFP4 experts (GPT-OSS as published) were dequantised one expert at a time by the reader: the
+            # Megatron checkpoint, and every HF export of it, holds them in the model's dtype
+            hf_config = copy.deepcopy(config)
+            hf_config.__dict__.pop("quantization_config", None)
+            provider = ProviderConfig(hf_config, parallel, vocab_rows, dtype,
                                       {k: v for k, v in others.items() if v != str(dtype).removeprefix("torch.")})
             write_json(tmp / META, provider.to_json(source=str(Path(model).resolve()), m2d_version=__version__,
                                                    written_layout=vars(layout)))

@@ -24,12 +24,25 @@ from megatron_m2d.io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, copy_side
 
 def dense_width(family: Family, config, groups: int) -> tuple[str, int]:
     """(layout, FFN width) of the student: k group representatives, plus the shared expert when it is folded
-    into a dense class (the one-expert layout keeps the family's own shared expert and gate instead)."""
+    into a dense class (the one-expert layout keeps the family's own shared expert and gate instead). A family
+    whose dense layers share one width (DeepSeek) takes the wider of that and its teacher's dense layers."""
     routed = groups * family.expert_width(config)
     with_shared = routed + family.shared_width(config)
     if family.dense_layout(config, with_shared) == "dense":
-        return "dense", with_shared
+        return "dense", family.dense_width(config, with_shared)
     return "one_expert", routed
+
+
+def zero_pad(tensor: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """`tensor` widened to `shape` with zeros. A SwiGLU neuron whose gate row, up row and down column are zero
+    contributes act(0) * 0 = 0 to the output, whatever the input: padding a dense FFN is exact."""
+    if tuple(tensor.shape) == tuple(shape):
+        return tensor
+    if any(have > want for have, want in zip(tensor.shape, shape)) or tensor.dim() != len(shape):
+        raise M2DError(f"internal error: cannot pad {tuple(tensor.shape)} to {tuple(shape)}")
+    out = tensor.new_zeros(shape)
+    out[tuple(slice(0, n) for n in tensor.shape)] = tensor
+    return out
 
 
 def _layer_of(key: str) -> int | None:
@@ -85,7 +98,9 @@ def write_student(ckpt: Checkpoint, family: Family, groups: int, ffn_for_layer: 
         by_layer.setdefault(_layer_of(key), []).append(key)
     written: set[str] = set()
 
-    def put(name: str, tensor: torch.Tensor) -> None:
+    def put(name: str, tensor: torch.Tensor, pad: bool = False) -> None:
+        if pad and name in expected:  # the family's one dense width (DeepSeek): zero neurons are exact
+            tensor = zero_pad(tensor, expected[name])
         if name in expected and tuple(tensor.shape) != expected[name]:
             raise M2DError(f"internal error: {name} has shape {tuple(tensor.shape)}, the dense model wants "
                            f"{expected[name]}")
@@ -102,20 +117,23 @@ def write_student(ckpt: Checkpoint, family: Family, groups: int, ffn_for_layer: 
         for key in by_layer.get(layer, []):
             if is_moe and key.startswith(block):
                 keep_shared = layout == "one_expert" and family.shared and not family.is_routed_expert_key(layer, key) \
-                    and key != family.block_key(layer, family.router)
+                    and key not in family.router_keys(layer)
                 if not keep_shared:
                     continue  # replaced by the dense FFN below
-            put(key, ckpt.get(key))
+            put(key, ckpt.get(key), pad=not is_moe and ".mlp." in key)
         if not is_moe:
             continue
         ffn = ffn_for_layer(layer, layout, dtype)
-        names = family.dense_ffn_keys(layout, layer)
-        for part in ("gate", "up", "down"):
-            put(names[part], getattr(ffn, part))
-            if getattr(ffn, part + "_bias") is not None:  # the dense class must have FFN biases: checked below
-                put(names[part].removesuffix(".weight") + ".bias", getattr(ffn, part + "_bias"))
-        if layout == "one_expert":  # a single expert: its softmax weight is exactly 1.0 whatever the logit
-            put(names["router"], torch.zeros(1, config.hidden_size))
+        if layout == "one_expert":
+            for name, tensor in family.one_expert_tensors(layer, ffn, config.hidden_size).items():
+                if name in expected:  # a router bias only where the family has one (GPT-OSS)
+                    put(name, tensor)
+        else:
+            names = family.dense_ffn_keys(layer)
+            for part in ("gate", "up", "down"):
+                put(names[part], getattr(ffn, part), pad=True)
+                if getattr(ffn, part + "_bias") is not None:  # the dense class must have FFN biases: checked below
+                    put(names[part].removesuffix(".weight") + ".bias", getattr(ffn, part + "_bias"), pad=True)
         ckpt.release()
 
     for name in sorted(set(expected) - written):
@@ -136,7 +154,7 @@ def write_student(ckpt: Checkpoint, family: Family, groups: int, ffn_for_layer: 
 def _disk_layout(in_memory: dict[str, tuple], family: Family, layout: str) -> dict[str, tuple]:
     """transformers >= 5 keeps experts fused in memory ([E, 2I, H]) but saves them per expert, as the hub and
     vLLM expect; translate the one-expert student's in-memory names to the on-disk ones we write."""
-    if layout != "one_expert":
+    if layout != "one_expert" or family.experts.fused_on_disk:
         return in_memory
     out = {}
     for name, shape in in_memory.items():
@@ -144,11 +162,12 @@ def _disk_layout(in_memory: dict[str, tuple], family: Family, layout: str) -> di
         if layer is None or f".{layer}.mlp." not in name:
             out[name] = shape
             continue
-        keys = family.dense_ffn_keys(layout, layer)
+        keys = family.experts
         if name.endswith("mlp.experts.gate_up_proj"):
-            out[keys["gate"]] = out[keys["up"]] = (shape[1] // 2, shape[2])
+            for template in (keys.gate, keys.up):
+                out[family.block_key(layer, template.format(e=0))] = (shape[1] // 2, shape[2])
         elif name.endswith("mlp.experts.down_proj"):
-            out[keys["down"]] = (shape[1], shape[2])
+            out[family.block_key(layer, keys.down.format(e=0))] = (shape[1], shape[2])
         else:
             out[name.replace(f".{layer}.mlp.", f".{layer}.{family.moe_block}.")] = shape
     return out

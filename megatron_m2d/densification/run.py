@@ -47,6 +47,7 @@ def densify(model: str | Path, out: str | Path, scoring: str, select: int | None
     out = check_output_path(out, overwrite)
     ckpt = Checkpoint(model)
     family = family_of(ckpt.config)
+    family.check_experts(ckpt)
     top_k = family.top_k(ckpt.config)
     groups = top_k if groups is None else groups
     method = Method(scoring=scoring, select=groups if select is None else select, groups=groups, **method_options)

@@ -1,6 +1,7 @@
 """Mixtral: softmax over the top-k logits (always renormalised); experts w1 (gate), w3 (up), w2 (down)."""
 
-from megatron_m2d.families.base import ExpertKeys, Family
+from megatron_m2d.families.base import Family
+from megatron_m2d.families.parts import ExpertKeys
 
 MIXTRAL = Family(
     model_type="mixtral",
@@ -9,7 +10,7 @@ MIXTRAL = Family(
     experts=ExpertKeys(gate="experts.{e}.w1.weight", up="experts.{e}.w3.weight", down="experts.{e}.w2.weight"),
     num_experts_field="num_local_experts",
     width_field="intermediate_size",
-    always_renormalizes=True,
+    renormalizes_of=lambda config: True,
     moe_config_fields=("num_local_experts", "num_experts_per_tok", "output_router_logits", "router_aux_loss_coef",
                        "router_jitter_noise"),
 )

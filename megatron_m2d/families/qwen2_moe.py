@@ -1,7 +1,8 @@
 """Qwen1.5/Qwen2-MoE: softmax top-k router (usually not renormalised) plus one shared expert behind a
 sigmoid gate."""
 
-from megatron_m2d.families.base import Family, SharedExpert, _sparse_step_layers
+from megatron_m2d.families.base import Family, _sparse_step_layers
+from megatron_m2d.families.parts import SharedExpert
 
 QWEN2_MOE = Family(
     model_type="qwen2_moe",

@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, PretrainedConfig
 
 from megatron_m2d.errors import M2DError
+from megatron_m2d.io import mxfp4
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -37,7 +38,9 @@ class Checkpoint:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise M2DError(f"cannot read the config of {self.path}: {first_line}") from None
         self.key_to_file = self._index()
+        self._files = dict(self.key_to_file)
         self._handles: dict[str, object] = {}
+        self._quantised = self._mxfp4_stacks()
 
     def _index(self) -> dict[str, str]:
         index = self.path / INDEX_NAME
@@ -69,10 +72,36 @@ class Checkpoint:
         except (SafetensorError, OSError, ValueError) as exc:
             raise M2DError(f"corrupt safetensors shard {shard}: {str(exc).splitlines()[0]}") from None
 
+    def _mxfp4_stacks(self) -> dict[str, tuple[str, str]]:
+        """MXFP4 stacks (`P_blocks` + `P_scales`) stand in for the dequantised tensor `P` in every read: callers
+        see `P` and read it one expert at a time (`get_row`); the packed tensors themselves are hidden."""
+        stacks = {}
+        for key in list(self.key_to_file):
+            name = mxfp4.quantised_name(key)
+            if name is None:
+                continue
+            scales = name + mxfp4.SCALES
+            if scales not in self.key_to_file:
+                raise M2DError(f"{self.path}: MXFP4 tensor {key} has no {scales}")
+            blocks_slice, scales_slice = self._handle(key).get_slice(key), self._handle(scales).get_slice(scales)
+            mxfp4.check_shapes(name, blocks_slice.get_shape(), scales_slice.get_shape(), blocks_slice.get_dtype(),
+                               scales_slice.get_dtype())
+            stacks[name] = (key, scales)
+        for name, (blocks, scales) in stacks.items():
+            self.key_to_file[name] = self.key_to_file.pop(blocks)
+            del self.key_to_file[scales]
+        return stacks
+
+    def _dequantised(self, name: str, index: int | None = None) -> torch.Tensor:
+        blocks, scales = self._quantised[name]
+        read = (lambda k: self._handle(k).get_tensor(k)) if index is None else \
+            (lambda k: self._handle(k).get_slice(k)[index])
+        return mxfp4.dequantise(read(blocks), read(scales), self.dtype())
+
     def _handle(self, key: str):
-        if key not in self.key_to_file:
+        if key not in self._files:  # the files' own keys (MXFP4 blocks and scales included)
             raise M2DError(f"tensor {key} is missing from the checkpoint {self.path}")
-        name = self.key_to_file[key]
+        name = self._files[key]
         if name not in self._handles:
             self._handles[name] = safe_open(self.path / name, framework="pt")
         return self._handles[name]
@@ -87,13 +116,21 @@ class Checkpoint:
         # clone(): safetensors hands out tensors backed by a mapping of the whole shard; holding one keeps every
         # page read from that shard resident, so a streaming reader would slowly map the whole model.
         try:
+            if key in self._quantised:
+                return self._dequantised(key)
             return self._handle(key).get_tensor(key).clone()
         except SafetensorError as exc:
             raise M2DError(f"cannot read {key} from {self.path}: {str(exc).splitlines()[0]}") from None
 
     def get_row(self, key: str, index: int) -> torch.Tensor:
         """`tensor[index]` of a stacked (fused) tensor, reading only that slice from disk."""
+        rows = self.shape(key)[0]
+        if not 0 <= index < rows:
+            raise M2DError(f"{key} stacks {rows} experts, expert {index} was asked for (config and weights "
+                           "disagree)")
         try:
+            if key in self._quantised:
+                return self._dequantised(key, index)
             return self._handle(key).get_slice(key)[index].clone()
         except SafetensorError as exc:
             raise M2DError(f"cannot read {key}[{index}] from {self.path}: {str(exc).splitlines()[0]}") from None
@@ -104,9 +141,13 @@ class Checkpoint:
         return self.dtype_of(key)
 
     def dtype_of(self, key: str) -> torch.dtype:
+        if key in self._quantised:
+            return self.dtype()
         return _SAFETENSORS_DTYPES.get(self._handle(key).get_slice(key).get_dtype(), torch.float32)
 
     def shape(self, key: str) -> list[int]:
+        if key in self._quantised:
+            return mxfp4.dequantised_shape(self.shape(self._quantised[key][0]))
         return list(self._handle(key).get_slice(key).get_shape())
 
     def layer_keys(self, layer: int, prefix: str = "model.layers") -> list[str]:

@@ -32,7 +32,11 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 
 VOCAB = 256 + len(SPECIALS)
 
-# Per family: the config fields that make a small MoE (4-8 experts, top-2).
+# MLA in tiny form (DeepSeek): as many key/value heads as query heads, small latent and rotary dims.
+_MLA = dict(num_key_value_heads=4, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16)
+
+# Per family: the config fields that make a small MoE (4-8 experts, top-2). A case may name its model_type (the
+# EMO/StdMoE-like shape: 127 routed + 1 always-on shared expert, top-7, expressed by DeepSeek-V2's class).
 FAMILY_CONFIGS = {
     "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
                       head_dim=16, intermediate_size=64),
@@ -40,16 +44,28 @@ FAMILY_CONFIGS = {
                       shared_expert_intermediate_size=48, intermediate_size=64),
     "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32, head_dim=16),
     "olmoe": dict(num_experts=8, num_experts_per_tok=2, intermediate_size=32, norm_topk_prob=False),
+    "deepseek_v2": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                        intermediate_size=64, first_k_dense_replace=1, q_lora_rank=None, routed_scaling_factor=2.0,
+                        topk_method="greedy", **_MLA),
+    "deepseek_v3": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                        intermediate_size=64, first_k_dense_replace=1, q_lora_rank=48, routed_scaling_factor=2.5,
+                        n_group=2, topk_group=1, norm_topk_prob=True, **_MLA),
+    "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32, head_dim=16, sliding_window=4,
+                    max_position_embeddings=4096),
+    "emo_like": dict(model_type="deepseek_v2", n_routed_experts=127, num_experts_per_tok=7, moe_intermediate_size=8,
+                     n_shared_experts=1, first_k_dense_replace=0, q_lora_rank=None, topk_method="greedy", **_MLA),
 }
+# Router parameters (and biases) drawn large enough that routing is not uniform: transformers' init is std 0.02.
+_ROUTER_PARAMS = ("gate.weight", "router.weight", "router.bias", "e_score_correction_bias", "_bias", "sinks")
 
 
 def tiny_config(model_type: str, layers: int = 2, hidden: int = 64, **overrides):
     fields = dict(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512, eos_token_id=256, pad_token_id=257,
                   bos_token_id=258, tie_word_embeddings=False)
-    fields.update(FAMILY_CONFIGS[model_type])
+    fields.update(FAMILY_CONFIGS.get(model_type, {}))
     fields.update(overrides)
-    return AutoConfig.for_model(model_type, **fields)
+    return AutoConfig.for_model(fields.pop("model_type", model_type), **fields)
 
 
 def build_tiny_moe(path: str | Path, model_type: str = "qwen3_moe", seed: int = 0, layers: int = 2,
@@ -59,9 +75,9 @@ def build_tiny_moe(path: str | Path, model_type: str = "qwen3_moe", seed: int = 
     config = tiny_config(model_type, layers=layers, hidden=hidden, **overrides)
     model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
     with torch.no_grad():  # transformers' init is tiny (std 0.02); larger weights make routing non-trivial
-        for name, param in model.named_parameters():
-            if name.endswith("gate.weight") and param.dim() == 2:
-                param.normal_(0.0, 0.5)
+        for name, param in [*model.named_parameters(), *model.named_buffers()]:
+            if name.endswith(_ROUTER_PARAMS) and "layernorm" not in name and param.is_floating_point():
+                param.normal_(0.0, 0.5 if param.dim() == 2 else 0.1)
     if edit is not None:
         with torch.no_grad():
             edit(model)
@@ -132,4 +148,35 @@ def build_moe_on_disk(path: str | Path, model_type: str = "qwen3_moe", seed: int
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     config.save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def with_mxfp4_experts(source: str | Path, path: str | Path, seed: int = 0) -> Path:
+    """A copy of the GPT-OSS checkpoint `source` whose expert stacks are stored as GPT-OSS publishes them: MXFP4
+    `*_blocks` [E, R, G, 16] and `*_scales` [E, R, G] (random codes, exponents near 2^-4) in place of each
+    [E, G*32, R] float stack, and a `quantization_config` saying so."""
+    source, path = Path(source), Path(path)
+    path.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for shard in sorted(source.glob("*.safetensors")):
+        from safetensors.torch import load_file
+
+        for name, tensor in load_file(shard).items():
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                experts, columns, rows = tensor.shape
+                tensors[name + "_blocks"] = torch.randint(0, 256, (experts, rows, columns // 32, 16),
+                                                          generator=generator, dtype=torch.uint8)
+                tensors[name + "_scales"] = torch.randint(119, 125, (experts, rows, columns // 32),
+                                                          generator=generator, dtype=torch.uint8)
+            else:
+                tensors[name] = tensor
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    for side in source.iterdir():
+        if side.suffix != ".safetensors" and side.name != "config.json" and side.is_file():
+            (path / side.name).write_bytes(side.read_bytes())
     return path
