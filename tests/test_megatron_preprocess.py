@@ -142,6 +142,14 @@ def test_inputs_are_sacred_and_output_is_atomic(tmp_path):
     assert tree_digest(corpus) == before
 
 
+def test_oversized_document_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(tokenize, "MAX_DOCUMENT_BYTES", 1000)
+    (tmp_path / "big.jsonl").write_text('{"text": "small"}\n' + json.dumps({"text": "x" * 2000}) + "\n")
+    with pytest.raises(M2DError, match=r"big.jsonl:2: a document of 0.0 MiB, more than"):
+        preprocess([tmp_path / "big.jsonl"], tmp_path / "out", FIXTURE_TOKENIZER, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl"]
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--input", "missing-dir"], "input not found: missing-dir"),
     (["--input", "{corpus}", "--workers", "0"], "--workers must be >= 1"),

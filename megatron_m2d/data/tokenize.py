@@ -22,6 +22,9 @@ from megatron_m2d.errors import M2DError
 # Big enough that the per-task costs (inter-process transfer, one batched tokenizer call) are negligible,
 # small enough that a few tasks in flight per worker stay a few MB.
 TASK_BYTES = 1 << 20
+# A document is tokenized whole (splitting it would change the ids at the cuts), and a fast tokenizer holds about
+# 100 bytes per token while it works: 64 MiB of text is ~1.6 GB per worker. Larger documents are refused.
+MAX_DOCUMENT_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -63,12 +66,14 @@ def input_files(inputs: list[str | Path]) -> list[Path]:
 def read_tasks(files: list[Path]) -> Iterator[Task]:
     for file in files:
         if file.suffix == ".txt":
+            _check_size(file.stat().st_size, f"{file} (a .txt file is one document)")
             yield Task(str(file), 1, (file.read_bytes(),))
             continue
         lines: list[bytes] = []
         size, first = 0, 1
         with file.open("rb") as handle:
             for number, line in enumerate(handle, start=1):
+                _check_size(len(line), f"{file}:{number}")
                 lines.append(line)
                 size += len(line)
                 if size >= TASK_BYTES:
@@ -76,6 +81,12 @@ def read_tasks(files: list[Path]) -> Iterator[Task]:
                     lines, size, first = [], 0, number + 1
         if lines:
             yield Task(str(file), first, tuple(lines))
+
+
+def _check_size(size: int, where: str) -> None:
+    if size > MAX_DOCUMENT_BYTES:
+        raise M2DError(f"{where}: a document of {size / 2**20:.1f} MiB, more than the {MAX_DOCUMENT_BYTES >> 20} MiB "
+                       "tokenized at once: split it into smaller documents (.jsonl, one per line)")
 
 
 def task_documents(task: Task, field: str) -> list[str]:
