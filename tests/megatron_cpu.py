@@ -9,7 +9,9 @@ megatron-core assumes CUDA in a few places that a forward pass on CPU reaches:
 - 0.19: the MoE router's gating GEMM is a custom autograd function that queries CUDA device properties;
 - megatron-core creates the DeepSeek-V3 router's expert bias on torch.cuda.current_device();
 - megatron-core's own distributed-checkpoint writer (used by tests that compare formats) calls
-  torch.cuda.synchronize() after its host copies.
+  torch.cuda.synchronize() after its host copies;
+- activation recompute (tensor_parallel.checkpoint) saves and restores the CUDA RNG state around each recomputed
+  block: on CPU the CPU generator is the only state there is, so that is what is saved and restored.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ def apply_cpu_patches(setattr_=setattr) -> None:
             return ~torch.tril(torch.triu(m, diagonal=skv - sq - window_size[0]), diagonal=skv - sq + window_size[1])
 
         setattr_(fused_softmax, "get_sliding_window_causal_mask", window_mask)
+    setattr_(tp_random, "_get_all_rng_states", lambda: (torch.get_rng_state(), None, {}))
+    setattr_(tp_random, "_set_all_rng_states", lambda cpu_state, cuda_state, tracker: torch.set_rng_state(cpu_state))
     if hasattr(router, "router_gating_linear"):  # 0.19: a custom autograd function that asks for CUDA
         setattr_(router, "router_gating_linear", lambda inp, weight, bias, dtype: torch.nn.functional.linear(
             inp.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)))

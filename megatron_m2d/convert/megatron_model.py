@@ -111,10 +111,11 @@ def _rotary(config, kwargs) -> dict:
 def build_gpt_model(config, params_dtype: torch.dtype = torch.float32, parallel: ParallelSizes | None = None,
                     vocab_rows: int | None = None, vp_stage: int | None = None, parallel_output: bool = True,
                     use_te: bool | None = None, moe_grouped_gemm: bool | None = None,
-                    use_cpu_initialization: bool = True):
+                    use_cpu_initialization: bool = True, config_overrides: dict | None = None):
     """The Megatron model (this rank's pipeline stage / virtual stage) of a HF config. Needs megatron-core's
     parallel state initialised with the sizes in `parallel`. Experts are TE's grouped GEMM when TE is used,
-    sequential otherwise (megatron-core stores both under the same checkpoint keys)."""
+    sequential otherwise (megatron-core stores both under the same checkpoint keys). `config_overrides`:
+    TransformerConfig fields set over those the HF config and `parallel` give (a training run's settings)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
@@ -140,10 +141,11 @@ def build_gpt_model(config, params_dtype: torch.dtype = torch.float32, parallel:
 
         kwargs["activation_func"] = quick_gelu
     config_class = MLATransformerConfig if kwargs.get("multi_latent_attention") else TransformerConfig
-    transformer = config_class(**kwargs, **parallel.transformer_config_kwargs(moe), moe_grouped_gemm=grouped,
-                               params_dtype=params_dtype, pipeline_dtype=params_dtype,
-                               transformer_impl="transformer_engine" if use_te else "local",  # 0.19 builds MLA by it
-                               use_cpu_initialization=use_cpu_initialization)
+    fields = dict(**kwargs, **parallel.transformer_config_kwargs(moe), moe_grouped_gemm=grouped,
+                  params_dtype=params_dtype, pipeline_dtype=params_dtype,
+                  transformer_impl="transformer_engine" if use_te else "local",  # 0.19 builds MLA by it
+                  use_cpu_initialization=use_cpu_initialization)
+    transformer = config_class(**{**fields, **(config_overrides or {})})
     block = get_gpt_decoder_block_spec(transformer, use_transformer_engine=use_te, normalization="RMSNorm",
                                        vp_stage=vp_stage)
     if not use_te:
