@@ -18,7 +18,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: E402
 
 from megatron_m2d.cli import main  # noqa: E402
 from megatron_m2d.data import tokenize  # noqa: E402
-from megatron_m2d.distillation.megatron.preprocess import preprocess  # noqa: E402
+from megatron_m2d.distillation.megatron.preprocess import (  # noqa: E402
+    preprocess, warn_if_sentencepiece_disagrees)
 from megatron_m2d.errors import M2DError  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parent.parent / "megatron_m2d" / "assets"
@@ -86,6 +87,11 @@ def test_sentencepiece_tokenizer(tmp_path):
     # on runs of spaces and a leading space)
     processor = spm.SentencePieceProcessor(model_file=str(directory / "tokenizer.model"))
     assert read_back(tmp_path / "sp")[0] == [1] + processor.encode(texts[0]) + [2]
+    # without tokenizer_config.json, transformers' generic conversion departs from the model: warned
+    assert not warn_if_sentencepiece_disagrees(directory, tokenizer)
+    (directory / "tokenizer_config.json").unlink()
+    with pytest.warns(UserWarning, match="add a tokenizer_config.json naming its class"):
+        assert warn_if_sentencepiece_disagrees(directory, AutoTokenizer.from_pretrained(directory))
 
 
 def test_big_vocabulary_needs_int32(tmp_path):

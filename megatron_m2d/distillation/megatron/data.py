@@ -180,12 +180,14 @@ def _check_tokenizer(prefix: str, tokenizer: DatasetTokenizer) -> None:
     summary = read_summary(prefix)
     if summary is None:  # made by another tool: MicroBatches still refuses ids outside the vocabulary
         return
-    theirs, ours = summary.get("tokenizer", {}), tokenizer.fingerprint
+    theirs, ours = summary.get("tokenizer"), tokenizer.fingerprint
+    theirs = theirs if isinstance(theirs, dict) else {}
     if theirs != ours:
-        raise M2DError(f"data prefix {prefix} was tokenized with another tokenizer (vocabulary "
-                       f"{theirs.get('vocab_size')}, eod {theirs.get('eod')}) than the student's ({ours['vocab_size']},"
-                       f" eod {ours['eod']}{', same size but other tokens' if theirs.get('vocab_size') == ours['vocab_size'] else ''}):"
-                       " run `m2d preprocess` again with the student's tokenizer")
+        how = "the same size but other tokens" if theirs.get("vocab_size") == ours["vocab_size"] else \
+            f"vocabulary {theirs.get('vocab_size')}, eod {theirs.get('eod')}"
+        raise M2DError(f"data prefix {prefix} was tokenized with another tokenizer ({how}) than the student's "
+                       f"(vocabulary {ours['vocab_size']}, eod {ours['eod']}): run `m2d preprocess` again with "
+                       "the student's tokenizer")
 
 
 def _check_split_sizes(index: IndexSummary, shares: str, seq_len: int, needed: dict, split: str) -> None:

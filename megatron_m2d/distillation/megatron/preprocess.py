@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -59,6 +60,7 @@ def preprocess(inputs: list[str | Path], out_prefix: str | Path, tokenizer_dir: 
     files = input_files(inputs)
     outputs = _check_outputs(Path(out_prefix), inputs, files, overwrite)
     tokenizer = load_tokenizer(tokenizer_dir)
+    warn_if_sentencepiece_disagrees(tokenizer_dir, tokenizer)
     eod = tokenizer.eos_token_id
     if eod is None:
         raise M2DError(f"the tokenizer of {tokenizer_dir} has no end-of-text (eos) token to end documents with")
@@ -103,6 +105,32 @@ def preprocess(inputs: list[str | Path], out_prefix: str | Path, tokenizer_dir: 
             path.unlink(missing_ok=True)
         raise
     return summary
+
+
+PROSE = "The quick brown fox jumps over the lazy dog. It was the best of times, it was the worst of times."
+
+
+def warn_if_sentencepiece_disagrees(tokenizer_dir: str | Path, tokenizer) -> bool:
+    """A directory with a sentencepiece tokenizer.model and no tokenizer.json is converted by transformers; without
+    a tokenizer_config.json naming the class, the generic conversion drops sentencepiece's dummy prefix, so the
+    first token of every document differs from the ids the model was trained with. Warn when the two disagree on
+    plain prose (the data stays what transformers' inference would feed the model)."""
+    directory = Path(tokenizer_dir)
+    if not (directory / "tokenizer.model").is_file() or (directory / "tokenizer.json").is_file():
+        return False
+    try:
+        import sentencepiece
+
+        expected = sentencepiece.SentencePieceProcessor(model_file=str(directory / "tokenizer.model")).encode(PROSE)
+    except Exception:  # not importable, or not a sentencepiece model: nothing to compare with
+        return False
+    if tokenizer(PROSE, add_special_tokens=False)["input_ids"] == expected:
+        return False
+    warnings.warn(f"the tokenizer transformers builds from {directory / 'tokenizer.model'} gives other ids than the "
+                  "sentencepiece model itself on plain prose (at least each document's first token): add a "
+                  "tokenizer_config.json naming its class (\"tokenizer_class\": \"LlamaTokenizer\" for Llama-2, "
+                  "Mistral, Mixtral) so that data, training and inference agree", stacklevel=2)
+    return True
 
 
 def _check_outputs(prefix: Path, inputs: list, files: list[Path], overwrite: bool) -> list[Path]:
