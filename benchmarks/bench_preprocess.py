@@ -16,7 +16,6 @@ one record per paragraph, repeated --repeat times (many documents: what the work
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -42,11 +41,10 @@ def plain(files: list[Path], tokenizer, prefix: Path) -> None:
 
 
 def corpora(root: Path, repeat: int) -> dict[str, list[Path]]:
-    plays = sorted((ASSETS / "fixture-train").glob("*.txt"))
-    paragraphs = [p for play in plays for p in play.read_text().split("\n\n") if p.strip()]
-    jsonl = root / "paragraphs.jsonl"
-    jsonl.write_text("".join(json.dumps({"text": p}) + "\n" for _ in range(repeat) for p in paragraphs))
-    return {"fixture-train (3 .txt)": plays, f"paragraphs x{repeat} (.jsonl)": [jsonl]}
+    from megatron_m2d.testing.corpus import FIXTURE_TRAIN, paragraph_jsonl
+
+    return {"fixture-train (3 .txt)": sorted(FIXTURE_TRAIN.glob("*.txt")),
+            f"paragraphs x{repeat} (.jsonl)": [paragraph_jsonl(root / "paragraphs.jsonl", repeat=repeat)]}
 
 
 def main() -> None:
@@ -58,6 +56,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=8, help="copies of the paragraph corpus (default: 8)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per variant (default: 3)")
     args = parser.parse_args()
+
+    import megatron.core.datasets.indexed_dataset  # noqa: F401  (imported before timing: ~10 s, once)
 
     from megatron_m2d.distillation.megatron.preprocess import preprocess
     from megatron_m2d.io.checkpoint import load_tokenizer
