@@ -79,13 +79,8 @@ class ModelShape:
     def from_dir(cls, path: str | Path) -> "ModelShape":
         """A `m2d convert` directory (its m2d_convert.json: HF config + padded vocabulary) or a HF model
         directory (only config.json is read: a plan needs no weights)."""
-        from megatron_m2d.convert.provider import META, read_provider_config
-
-        path = Path(path)
-        if (path / META).is_file():
-            provider = read_provider_config(path)
-            return cls.from_hf_config(provider.hf_config, provider.vocab_rows, name=path.name)
-        return cls.from_hf_config(read_hf_config(path), name=path.name)
+        config, vocab_rows = config_of_dir(path)
+        return cls.from_hf_config(config, vocab_rows, name=Path(path).name)
 
     # ---- parameters --------------------------------------------------------------------------------------
     @property
@@ -162,6 +157,16 @@ class ModelShape:
                 f"layers" if self.is_moe else f"dense FFN {self.ffn}")
         return (f"{self.name}: {self.total_params() / 1e9:.2f} B parameters ({self.active_params() / 1e9:.2f} B "
                 f"active), {self.layers} layers, hidden {self.hidden}, {kind}, vocabulary {self.vocab_rows}")
+
+
+def config_of_dir(path: str | Path):
+    """(HF config, padded vocabulary or None) of a `m2d convert` directory or a HF model directory."""
+    from megatron_m2d.convert.provider import META, read_provider_config
+
+    if (Path(path) / META).is_file():
+        provider = read_provider_config(path)
+        return provider.hf_config, provider.vocab_rows
+    return read_hf_config(path), None
 
 
 def read_hf_config(path: str | Path):
