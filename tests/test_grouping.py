@@ -90,7 +90,7 @@ def test_merge_is_the_score_weighted_average():
     assert torch.allclose(merge_weights(torch.zeros(4, dtype=torch.float64), [0, 1]), torch.tensor([0.5, 0.5], dtype=torch.float64))
 
 
-def test_scales_uniform_and_proportional():
+def test_scales_uniform_proportional_and_score_proportional():
     postselect = torch.tensor([0.3, 0.1, 0.2, 0.05, 0.15], dtype=torch.float64)
     groups = [[0, 3], [2], [1, 4]]
     assert group_scales(groups, postselect, "uniform", 1.0, 0.8) == pytest.approx([1 / 3] * 3)
@@ -98,7 +98,11 @@ def test_scales_uniform_and_proportional():
     scales = group_scales(groups, postselect, "proportional", 1.0, 0.8)
     assert sum(scales) == pytest.approx(0.8)  # = mean total routed weight
     assert scales == pytest.approx([0.8 * 0.35 / 0.8, 0.8 * 0.2 / 0.8, 0.8 * 0.25 / 0.8])
-    assert sum(group_scales(groups, postselect, "proportional", 2.0, 1.0)) == pytest.approx(2.0)
+    # the mean total weight is what the model applies: DeepSeek's routed_scaling_factor is already in it
+    assert sum(group_scales(groups, postselect, "proportional", 2.0, 2.0)) == pytest.approx(2.0)
+    importance = torch.tensor([4.0, 1.0, 2.0, 0.0, 3.0], dtype=torch.float64)  # a scoring's importance
+    scales = group_scales(groups, postselect, "score_proportional", 1.0, 0.8, importance)
+    assert scales == pytest.approx([0.8 * 4 / 10, 0.8 * 2 / 10, 0.8 * 4 / 10])
     with pytest.raises(M2DError):
         group_scales(groups, postselect, "cubic", 1.0, 1.0)
 

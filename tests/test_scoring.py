@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -62,20 +63,22 @@ def fake_sums(E=6, H=4, seed=0):
     flat = outs.reshape(E, -1)
     return {"tokens": torch.tensor(100.0, dtype=torch.float64), "count": count,
             "prob_sum": torch.rand(E, generator=g, dtype=torch.float64) * 30, "weight_sum": weight,
+            "prob_selected_sum": count.double() * torch.rand(E, generator=g, dtype=torch.float64),
             "reap_sum": weight * 2.5, "out_sum": torch.randn(E, H, generator=g, dtype=torch.float64),
             "logit_sum": torch.zeros(E, dtype=torch.float64), "logit_outer": random_kernel(E, seed=seed + 1),
             "gram_gated": flat @ flat.T / 10, "gram": flat @ flat.T}
 
 
-def test_score_based_selections_follow_their_formulas():
+@pytest.mark.parametrize("cp,numerator", [("probability", "prob_selected_sum"), ("routing_weight", "weight_sum")])
+def test_score_based_selections_follow_their_formulas(cp, numerator):
     sums = fake_sums()
-    stats = layer_stats(sums)
+    stats = dataclasses.replace(layer_stats(sums), cp=cp)
     T = 100.0
     expected = {
         "selection_freq": sums["count"].double() / T,
         "preselect_prob": sums["prob_sum"] / T,
         "postselect_prob": sums["weight_sum"] / T,
-        "conditional_prob": torch.where(sums["count"] > 0, sums["weight_sum"] / sums["count"].clamp(min=1), 0.0),
+        "conditional_prob": torch.where(sums["count"] > 0, sums[numerator] / sums["count"].clamp(min=1), 0.0),
         "reap": torch.where(sums["count"] > 0, sums["reap_sum"] / sums["count"].clamp(min=1), 0.0),
     }
     assert float(expected["conditional_prob"][2]) == 0.0
@@ -144,8 +147,8 @@ def test_gated_kernel_never_keeps_both_co_routed_duplicates(scoring):
     between identical logits are broken arbitrarily, so duplicates rarely share every token."""
     sums = fake_sums(E=8, seed=5)
     sums["count"][2] = 3  # every expert routed: a never-routed one has zero weight, so it adds nothing at all
-    sums["weight_sum"][2], sums["reap_sum"][2] = 1.0, 2.5
-    for name in ("count", "weight_sum", "reap_sum", "prob_sum"):
+    sums["weight_sum"][2], sums["reap_sum"][2], sums["prob_selected_sum"][2] = 1.0, 2.5, 1.5
+    for name in ("count", "weight_sum", "reap_sum", "prob_sum", "prob_selected_sum"):
         sums[name][1] = sums[name][0] = sums[name].max() + 1  # the pair is the most popular: the trap
     gated = sums["gram_gated"]
     gated[1, :], gated[:, 1] = gated[0, :], gated[:, 0]

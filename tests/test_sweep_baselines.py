@@ -81,26 +81,31 @@ def dense_teacher(path):
     return path
 
 
-def test_d2d_keeps_the_most_active_neurons(tmp_path, text_dir):
+@pytest.mark.parametrize("importance", ["minitron", "mean"])
+def test_d2d_keeps_the_most_active_neurons(importance, tmp_path, text_dir):
     teacher = dense_teacher(tmp_path / "dense")
-    out = d2d(teacher, str(text_dir), tmp_path / "pruned", width=16, tokens=512, seq_len=64, progress=False)
+    out = d2d(teacher, str(text_dir), tmp_path / "pruned", width=16, tokens=512, seq_len=64, progress=False,
+              importance=importance)
     record = json.loads((out / "m2d_d2d.json").read_text())
+    assert record["importance"] == importance
     pruned = AutoModelForCausalLM.from_pretrained(out)
     full = AutoModelForCausalLM.from_pretrained(teacher)
     assert pruned.config.intermediate_size == 16
-    # brute force: activation importance from the full model's own forward on the same tokens
+    # brute force from the full model's own forward on the same tokens: modelopt's mcore_minitron aggregation
+    # (per-sequence mean |h|, squared, summed over sequences, square root) or the mean over all tokens
     from megatron_m2d.data.text import token_blocks
     blocks = token_blocks(byte_tokenizer(), str(text_dir), 512, 64)
-    sums = {}
-    hooks = [layer.mlp.down_proj.register_forward_pre_hook(
-        lambda m, a, i=i: sums.__setitem__(i, sums.get(i, 0) + a[0].abs().reshape(-1, 48).sum(0)))
-        for i, layer in enumerate(full.model.layers)]
+    activations = {}
+    hooks = [layer.mlp.down_proj.register_forward_pre_hook(lambda m, a, i=i: activations.__setitem__(i, a[0]))
+             for i, layer in enumerate(full.model.layers)]
     with torch.no_grad():
         full(input_ids=blocks)
     for h in hooks:
         h.remove()
     for layer in range(2):
-        expected = sorted(torch.topk(sums[layer], 16).indices.tolist())
+        h = activations[layer].double().abs()  # [sequences, tokens, 48]
+        score = h.mean(1).pow(2).sum(0).sqrt() if importance == "minitron" else h.reshape(-1, 48).mean(0)
+        expected = sorted(torch.topk(score, 16).indices.tolist())
         assert record["kept"][str(layer)] == expected
         assert torch.equal(pruned.model.layers[layer].mlp.down_proj.weight,
                            full.model.layers[layer].mlp.down_proj.weight[:, expected])

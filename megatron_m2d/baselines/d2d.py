@@ -1,7 +1,11 @@
 """`m2d d2d`: dense-to-dense width pruning of a dense teacher (the paper's D2D baseline, Minitron-style).
 
-Neuron importance is activation-based, as in Minitron (Muralidharan et al., 2024): for every FFN neuron j of a
-layer, the mean over calibration tokens of |h_j|, where h = act(gate x) * up x is the input of down_proj.
+Neuron importance is activation-based, as in Minitron (Muralidharan et al., 2024), aggregated as
+nvidia-modelopt's `mcore_minitron` does (its `_register_mlp_importance`): for every FFN neuron j of a layer, the
+mean of |h_j| over each calibration sequence, then the L2 norm over sequences, where h = act(gate x) * up x is the
+input of down_proj (`--importance minitron`, the default). `--importance mean` is the plain mean of |h_j| over all
+tokens. modelopt's own estimator hooks Megatron-Core modules only, and this baseline prunes a HF checkpoint
+streamed a layer at a time, so the same aggregation is written here (a few lines).
 Each layer keeps its `width` most important neurons (in their original order): gate/up rows and down columns.
 Calibration streams the teacher one layer at a time, like `m2d calibrate`, so any size fits.
 """
@@ -25,9 +29,19 @@ from megatron_m2d.io.writer import ShardedWriter, atomic_directory, check_output
 FFN = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
 
 
+IMPORTANCE = ("minitron", "mean")
+IMPORTANCE_RULES = {
+    "minitron": "L2 norm over sequences of the per-sequence mean |act(gate x) * up x| (Minitron, modelopt)",
+    "mean": "mean |act(gate x) * up x| over all tokens",
+}
+
+
 def neuron_importance(ckpt: Checkpoint, blocks: torch.Tensor, batch_size: int, device: str, dtype: torch.dtype,
-                      progress: bool) -> dict[int, torch.Tensor]:
-    """Per layer: mean |input of down_proj| over the calibration tokens, [intermediate]."""
+                      progress: bool, aggregation: str = "minitron") -> dict[int, torch.Tensor]:
+    """Per layer, [intermediate]: minitron = sqrt(sum over sequences of (mean over the sequence of |h|)^2);
+    mean = mean of |h| over all tokens (h: the input of down_proj)."""
+    if aggregation not in IMPORTANCE:
+        raise M2DError(f"unknown --importance {aggregation!r} (choose from {', '.join(IMPORTANCE)})")
     streamer = LayerStreamer(ckpt, None, device, dtype)
     hidden, kwargs = streamer.prepare(blocks, batch_size)
     importance = {}
@@ -37,19 +51,23 @@ def neuron_importance(ckpt: Checkpoint, blocks: torch.Tensor, batch_size: int, d
         total = torch.zeros(layer.mlp.down_proj.in_features, dtype=torch.float64)
 
         def accumulate(module, args):
-            total.add_(args[0].reshape(-1, args[0].shape[-1]).abs().sum(0).double().cpu())
+            magnitude = args[0].double().abs()  # [batch, sequence, intermediate]
+            if aggregation == "minitron":
+                total.add_(magnitude.mean(dim=1).pow(2).sum(0).cpu())
+            else:
+                total.add_(magnitude.reshape(-1, magnitude.shape[-1]).sum(0).cpu())
 
         hook = layer.mlp.down_proj.register_forward_pre_hook(accumulate)
         streamer.forward_layer(layer, index, hidden, kwargs)
         hook.remove()
-        importance[index] = total / blocks.numel()
+        importance[index] = total.sqrt() if aggregation == "minitron" else total / blocks.numel()
         del layer
     return importance
 
 
 def d2d(model: str | Path, data: str, out: str | Path, width: int, tokens: int = 65536, seq_len: int = 512,
         batch_size: int = 8, device: str = "auto", dtype: str = "auto", seed: int = 0, overwrite: bool = False,
-        progress: bool = True) -> Path:
+        progress: bool = True, importance: str = "minitron") -> Path:
     out = check_output_path(out, overwrite)
     ckpt = Checkpoint(model)
     config = ckpt.config
@@ -58,12 +76,14 @@ def d2d(model: str | Path, data: str, out: str | Path, width: int, tokens: int =
     full = getattr(config, "intermediate_size", None)
     if not isinstance(full, int) or not ckpt.has(f"{LAYERS}.0.{FFN[2]}"):
         raise M2DError(f"{model} has no gate/up/down SwiGLU FFN that d2d knows how to prune")
+    if importance not in IMPORTANCE:
+        raise M2DError(f"unknown --importance {importance!r} (choose from {', '.join(IMPORTANCE)})")
     if not 1 <= width <= full:
         raise M2DError(f"--width must lie in [1, {full}] (the teacher's intermediate size)")
     device = resolve_device(device)
     blocks = token_blocks(load_tokenizer(ckpt.path), data, tokens, seq_len, seed)
-    importance = neuron_importance(ckpt, blocks, batch_size, device, resolve_dtype(dtype, device), progress)
-    kept = {layer: torch.sort(torch.topk(score, width).indices).values for layer, score in importance.items()}
+    scores = neuron_importance(ckpt, blocks, batch_size, device, resolve_dtype(dtype, device), progress, importance)
+    kept = {layer: torch.sort(torch.topk(score, width).indices).values for layer, score in scores.items()}
     with atomic_directory(out, overwrite) as tmp:
         writer = ShardedWriter(tmp)
         for key in ckpt.keys():
@@ -81,12 +101,12 @@ def d2d(model: str | Path, data: str, out: str | Path, width: int, tokens: int =
         copy_side_files(ckpt.path, tmp)
         write_json(tmp / "m2d_d2d.json", {
             "teacher": str(Path(model).resolve()), "data": data, "tokens": int(blocks.numel()), "width": width,
-            "teacher_width": full, "importance": "mean |act(gate x) * up x| over calibration tokens",
+            "teacher_width": full, "importance": importance, "importance_rule": IMPORTANCE_RULES[importance],
             "kept": {str(k): v.tolist() for k, v in kept.items()}})
         (tmp / "README.md").write_text(
             f"# D2D baseline of `{model}`\n\nDense-to-dense width pruning (megatron_m2d `m2d d2d`): every FFN "
-            f"keeps its {width} of {full} neurons with the largest mean |act(gate x) * up x| over "
-            f"{blocks.numel()} tokens of `{data}` (Minitron-style activation importance). Attention, embeddings "
+            f"keeps its {width} of {full} neurons with the largest activation importance, "
+            f"{IMPORTANCE_RULES[importance]}, over {blocks.numel()} tokens of `{data}`. Attention, embeddings "
             "and norms are the teacher's. Not distilled yet.\n")
     if progress:
         print(f"pruned FFN width {full} -> {width} -> {out}")

@@ -18,6 +18,11 @@ from safetensors.torch import load_file
 from megatron_m2d.errors import M2DError
 
 META = "meta.json"
+# Conditional probability CP_i (methods.md): "probability" is the paper's Eq. 3, the mean over the tokens routed to
+# i of its softmax probability over all experts (DeepSeek-V3: its sigmoid score), as the PEFT moe_to_dense port
+# computes it; "routing_weight" is the mean weight the model applies to i there (renormalised over the top-k where
+# the router renormalises, routed_scaling_factor included): it differs for every router that renormalises.
+CP_KINDS = ("probability", "routing_weight")
 FORMAT_VERSION = 2  # 2: prob_selected_sum (the paper's CP), probs from the family's router
 
 
@@ -44,6 +49,7 @@ class LayerStats:
     layer: int
     sums: dict[str, torch.Tensor]
     top_k: int
+    cp: str = "probability"  # which conditional probability `conditional_prob` is (CP_KINDS)
 
     @property
     def tokens(self) -> float:
@@ -66,9 +72,15 @@ class LayerStats:
         return self.sums["weight_sum"] / self.tokens
 
     @property
-    def conditional_prob(self) -> torch.Tensor:  # a_i / f_i, 0 if never selected
+    def conditional_prob(self) -> torch.Tensor:  # CP_i: mean over the tokens routed to i; 0 if never selected
+        if self.cp not in CP_KINDS:
+            raise M2DError(f"unknown conditional probability {self.cp!r} (choose from {', '.join(CP_KINDS)})")
+        key = "prob_selected_sum" if self.cp == "probability" else "weight_sum"
+        if key not in self.sums:
+            raise M2DError("these statistics predate the paper's conditional probability (statistics format 1): "
+                           "calibrate again, or use --cp routing_weight")
         count = self.sums["count"].double()
-        return torch.where(count > 0, self.sums["weight_sum"] / count.clamp(min=1), torch.zeros_like(count))
+        return torch.where(count > 0, self.sums[key] / count.clamp(min=1), torch.zeros_like(count))
 
     @property
     def reap(self) -> torch.Tensor:  # mean over routed tokens of g_t,i ||E_i(x_t)||
@@ -89,10 +101,13 @@ class LayerStats:
         return kind
 
     def mean_outputs(self) -> torch.Tensor:
-        """Per-expert mean output: over all tokens when recorded (--gram), else over the tokens routed to it."""
-        if "out_sum_all" in self.sums:
-            return self.sums["out_sum_all"] / self.tokens
-        return self.sums["out_sum"] / self.sums["count"].double().clamp(min=1).unsqueeze(1)
+        """Per-expert mean output over all calibration tokens (HC-SMoE clusters on it): recorded by --gram only.
+        Routed-token means are no substitute (an expert's mean over the tokens it serves says nothing of how it
+        differs from another on the same tokens), so without them this refuses."""
+        if "out_sum_all" not in self.sums:
+            raise M2DError("output-based groupings (output_cluster, dominant_expert) need every expert's mean output "
+                           "over all tokens: calibrate with --gram")
+        return self.sums["out_sum_all"] / self.tokens
 
     def logit_distances(self) -> torch.Tensor:
         """Euclidean distances between experts' routing-logit profiles over the calibration tokens, computed
@@ -102,7 +117,7 @@ class LayerStats:
         return (diag[:, None] + diag[None, :] - 2 * second).clamp(min=0).sqrt()
 
     @property
-    def mean_total_routed_weight(self) -> float:  # E_t sum_{i in S_t} g_t,i (1 when renormalised)
+    def mean_total_routed_weight(self) -> float:  # E_t sum_{i in S_t} w_t,i, as applied (rsf included)
         return float(self.sums["weight_sum"].sum() / self.tokens)
 
     @property

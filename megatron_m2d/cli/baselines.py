@@ -9,6 +9,9 @@ def register(commands) -> None:
     p = commands.add_parser("d2d", help="baseline: dense-to-dense FFN width pruning of a dense teacher")
     p.add_argument("--model", required=True, help="dense HF teacher")
     p.add_argument("--width", type=int, required=True, help="FFN width to keep")
+    p.add_argument("--importance", default="minitron", choices=["minitron", "mean"],
+                   help="neuron importance: per-sequence mean |activation|, then L2 over sequences (Minitron, "
+                        "modelopt's mcore_minitron; default), or the mean over all tokens")
     calibration_flags(p, data_required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
@@ -28,7 +31,7 @@ def run_d2d(args) -> None:
     from megatron_m2d.baselines.d2d import d2d
 
     d2d(args.model, args.data, args.out, args.width, args.tokens, args.seq_len, args.batch_size, args.device,
-        args.dtype, args.seed, args.overwrite)
+        args.dtype, args.seed, args.overwrite, importance=args.importance)
 
 
 def run_random_ffn(args) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from megatron_m2d.cli.common import calibration_flags, comma_list
 from megatron_m2d.densification.grouping import GROUPINGS
 from megatron_m2d.densification.merge import MERGES, SCALINGS
-from megatron_m2d.densification.scoring import SCORINGS, KernelOptions
+from megatron_m2d.calibration.store import CP_KINDS
+from megatron_m2d.densification.scoring import RIDGES, SCORINGS, KernelOptions
 
 
 def register(commands) -> None:
@@ -23,7 +24,14 @@ def register(commands) -> None:
                    help="D-optimal Gram: all-token (needs calibrate --gram), gate-weighted, or auto (default): "
                         "all-token when the statistics have it")
     p.add_argument("--kernel-activation", default="reap", choices=["reap", "rms"], help="ACP weight of gld_reap")
-    p.add_argument("--kernel-lambda", type=float, default=1.0, help="ridge = this x mean(diag K) / k")
+    p.add_argument("--kernel-lambda", type=float, default=1.0,
+                   help="D-optimal ridge = this x mean(diag K) / n (n: see --kernel-ridge)")
+    p.add_argument("--kernel-ridge", default="selected", choices=list(RIDGES),
+                   help="n of the ridge: K, the experts selected (default, the public DO-ACP code), or k, the groups")
+    p.add_argument("--cp", default="probability", choices=list(CP_KINDS),
+                   help="conditional probability (conditional_prob, gram_logdet's weights, the rms activation): "
+                        "the paper's Eq. 3, mean softmax probability where selected (default), or the routing "
+                        "weight the model applies (renormalised top-k)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-shard-gb", type=float, default=1.0,
                    help="largest safetensors shard written; one shard is held in memory while written (default 1)")
@@ -45,6 +53,7 @@ def register(commands) -> None:
     p.add_argument("--eval-tokens", type=int, default=16384)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--save-checkpoints", action="store_true", help="also write every dense checkpoint")
+    p.add_argument("--cp", default="probability", choices=list(CP_KINDS), help="conditional probability (as densify)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(handler=run_sweep)
@@ -53,13 +62,13 @@ def register(commands) -> None:
 def run_densify(args) -> None:
     from megatron_m2d.densification.run import densify
 
-    kernel = KernelOptions(args.kernel_gram, args.kernel_activation, args.kernel_lambda)
+    kernel = KernelOptions(args.kernel_gram, args.kernel_activation, args.kernel_lambda, args.kernel_ridge)
     calibration = dict(tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size, gram=args.gram,
                        device=args.device, dtype=args.dtype, seed=args.seed)
     densify(args.model, args.out, args.scoring, select=args.select, groups=args.groups, stats=args.stats,
             data=args.data, overwrite=args.overwrite, calibration=calibration, grouping=args.grouping,
             scaling=args.scaling, merge=args.merge, merge_alpha=args.merge_alpha, kernel=kernel,
-            seed=args.seed, max_shard_bytes=int(args.max_shard_gb * 1024**3))
+            seed=args.seed, cp=args.cp, max_shard_bytes=int(args.max_shard_gb * 1024**3))
 
 
 def run_sweep(args) -> None:
@@ -67,4 +76,5 @@ def run_sweep(args) -> None:
 
     sweep(args.model, args.out, comma_list(args.scorings), comma_list(args.groupings), comma_list(args.scalings),
           [int(k) for k in comma_list(args.select)] if args.select else None, args.groups, args.stats, args.data,
-          args.eval_data, args.eval_tokens, args.seq_len, seed=args.seed, save_checkpoints=args.save_checkpoints)
+          args.eval_data, args.eval_tokens, args.seq_len, seed=args.seed, save_checkpoints=args.save_checkpoints,
+          cp=args.cp)

@@ -91,6 +91,9 @@ def dominant_expert(selected, groups, features):
     return out
 
 
+# Groupings on every expert's mean output over all calibration tokens: they need `calibrate --gram` statistics.
+OUTPUT_GROUPINGS = ("output_cluster", "dominant_expert")
+
 GROUPINGS: dict[str, Callable] = {
     "round_robin": round_robin,
     "weight_cluster": weight_cluster,

@@ -14,7 +14,7 @@ from megatron_m2d.families.base import ExpertWeights
 FIELDS = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
 
 MERGES = ("average", "partial")
-SCALINGS = ("uniform", "proportional")
+SCALINGS = ("uniform", "proportional", "score_proportional")
 
 
 def merge_weights(importance: torch.Tensor, members: list[int]) -> torch.Tensor:
@@ -52,24 +52,29 @@ def merge_group(experts: list[ExpertWeights], weights: torch.Tensor, mode: str =
 
 
 def group_scales(groups: list[list[int]], postselect: torch.Tensor, scaling: str, routed_scaling: float,
-                 mean_total_weight: float) -> list[float]:
-    """Down-projection scale of each group.
+                 mean_total_weight: float, importance: torch.Tensor | None = None) -> list[float]:
+    """Down-projection scale of each group (README "Down-projection scaling" states the rules and sources).
 
-    uniform:      s_g = routed_scaling / k  (exact when all experts are identical and routing renormalises)
-    proportional: s_g = R * A_g / sum_h A_h with A_g = sum_{i in g} a_i (expected routing weight of the group's
-                  experts) and R = routed_scaling * E_t[sum_{i in S_t} g_t,i], the mean total routed weight
-                  (1 for renormalising routers); so sum_g s_g = R.
+    uniform:            s_g = routed_scaling / k, the paper's uniform scaling (1/k; the PEFT port's 1/K) times
+                        the model's own routed_scaling_factor: exact when all experts are identical and the router
+                        renormalises.
+    proportional:       s_g = R * A_g / sum_h A_h, A_g = sum_{i in g} a_i (a_i: the expected routing weight of
+                        expert i) and R = E_t[sum_{i in S_t} w_t,i], the mean total weight the model applies
+                        (routed_scaling_factor included; 1 for renormalising routers without one): sum_g s_g = R.
+    score_proportional: the same with A_g = the summed scoring importance of the group's experts (the paper's
+                        Appendix H variant, as the PEFT moe_to_dense port describes it).
+    A group mass of zero everywhere falls back to uniform.
     """
     k = len(groups)
     if scaling == "uniform":
         return [routed_scaling / k] * k
-    if scaling == "proportional":
-        mass = torch.stack([postselect[g].double().sum() for g in groups])
-        if float(mass.sum()) <= 0:
-            return [routed_scaling / k] * k
-        total = routed_scaling * mean_total_weight
-        return (total * mass / mass.sum()).tolist()
-    raise M2DError(f"unknown scaling {scaling!r} (choose from {', '.join(SCALINGS)})")
+    if scaling not in SCALINGS:
+        raise M2DError(f"unknown scaling {scaling!r} (choose from {', '.join(SCALINGS)})")
+    source = postselect if scaling == "proportional" else importance
+    mass = torch.stack([source[g].double().clamp(min=0).sum() for g in groups])
+    if float(mass.sum()) <= 0:
+        return [routed_scaling / k] * k
+    return (mean_total_weight * mass / mass.sum()).tolist()
 
 
 def concat_dense(representatives: list[ExpertWeights], scales: list[float], shared: ExpertWeights | None = None,

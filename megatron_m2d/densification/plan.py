@@ -6,12 +6,13 @@ The plan is saved next to the dense checkpoint as `m2d_plan.json`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from megatron_m2d.calibration.store import LayerStats
-from megatron_m2d.densification.grouping import GroupingFeatures, group_experts
+from megatron_m2d.calibration.store import CP_KINDS, LayerStats
+from megatron_m2d.densification.grouping import OUTPUT_GROUPINGS, GroupingFeatures, group_experts
 from megatron_m2d.densification.merge import MERGES, SCALINGS, group_scales, merge_weights
 from megatron_m2d.densification.scoring import KernelOptions, score_layer
 from megatron_m2d.errors import M2DError
@@ -30,6 +31,7 @@ class Method:
     merge_alpha: float = 0.5
     kernel: KernelOptions = field(default_factory=KernelOptions)
     seed: int = 0
+    cp: str = "probability"  # conditional probability: the paper's Eq. 3, or "routing_weight" (LayerStats.cp)
 
     def validate(self, num_experts: int) -> None:
         if self.groups < 1:
@@ -44,6 +46,14 @@ class Method:
             raise M2DError(f"unknown merge {self.merge!r} (choose from {', '.join(MERGES)})")
         if not 0.0 <= self.merge_alpha <= 1.0:
             raise M2DError("--merge-alpha must lie in [0, 1]")
+        if self.cp not in CP_KINDS:
+            raise M2DError(f"unknown --cp {self.cp!r} (choose from {', '.join(CP_KINDS)})")
+
+    @property
+    def needs_all_token_outputs(self) -> bool:
+        """Output-based groupings cluster on every expert's mean output over all tokens (HC-SMoE): they need the
+        all-token pass (calibrate --gram) whenever there is something to group (K > k)."""
+        return self.select > self.groups and self.grouping in OUTPUT_GROUPINGS
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -65,11 +75,12 @@ class LayerPlan:
 
 def plan_layer(stats: LayerStats, method: Method, features: GroupingFeatures, routed_scaling: float = 1.0,
                fold_shared_gate: bool = False) -> LayerPlan:
+    stats = dataclasses.replace(stats, cp=method.cp)
     selection = score_layer(stats, method.scoring, method.select, method.groups, method.kernel, method.seed)
     groups = group_experts(selection.experts, method.groups, method.grouping, features)
     weights = [merge_weights(selection.importance, g).tolist() for g in groups]
     scales = group_scales(groups, stats.postselect_prob, method.scaling, routed_scaling,
-                          stats.mean_total_routed_weight)
+                          stats.mean_total_routed_weight, selection.importance)
     shared_scale = stats.shared_gate_mean if fold_shared_gate else None
     return LayerPlan(stats.layer, selection.experts, groups, weights, scales,
                      [round(float(v), 8) for v in selection.importance], shared_scale)

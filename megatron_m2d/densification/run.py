@@ -27,6 +27,27 @@ class DensifyResult:
     plan: dict
 
 
+def needs_all_token_pass(method: Method) -> bool:
+    """Whether the method needs every expert run on every calibration token (`calibrate --gram`): the D-optimal
+    kernel's default all-token Gram, the rms activation, and output-based groupings' all-token means."""
+    all_token_gram = method.scoring in ("gram_logdet", "gld_reap") and method.kernel.gram != "gated"
+    rms = method.scoring == "gld_reap" and method.kernel.activation == "rms"
+    return all_token_gram or rms or method.needs_all_token_outputs
+
+
+def check_statistics_serve(statistics: Statistics, methods: list[Method]) -> None:
+    """Refuse up front, in one line, statistics without the all-token pass that a method cannot do without."""
+    if statistics.meta.get("gram"):
+        return
+    for method in methods:
+        if method.needs_all_token_outputs:
+            raise M2DError(f"grouping {method.grouping} clusters on every expert's mean output over all tokens: "
+                           f"the statistics in {statistics.path} lack them; calibrate with --gram")
+        if method.scoring == "gld_reap" and method.kernel.activation == "rms":
+            raise M2DError(f"--kernel-activation rms needs every expert's output on all tokens: the statistics in "
+                           f"{statistics.path} lack them; calibrate with --gram")
+
+
 def make_plans(ckpt: Checkpoint, family, stats: Statistics, method: Method) -> dict[int, LayerPlan]:
     config = ckpt.config
     fold = family.shared is not None and family.shared.gate is not None
@@ -59,14 +80,13 @@ def densify(model: str | Path, out: str | Path, scoring: str, select: int | None
     with atomic_directory(out, overwrite) as tmp:
         if stats is None:
             calibration = dict(calibration or {})
-            if method.scoring in ("gram_logdet", "gld_reap") and method.kernel.gram != "gated":
-                calibration["gram"] = True  # the D-optimal kernel's default Gram needs every expert on every token
-            if method.kernel.activation == "rms":
+            if needs_all_token_pass(method):
                 calibration["gram"] = True
             statistics = calibrate(model, data, tmp / STATS_DIR, progress=progress, **calibration)
         else:
             statistics = Statistics(stats)
         statistics.check_matches(fingerprint, model)
+        check_statistics_serve(statistics, [method])
         plans = make_plans(ckpt, family, statistics, method)
         export = write_dense(ckpt, family, plans, method, tmp, progress, max_shard_bytes)
         plan = {
@@ -112,7 +132,7 @@ The model is {layout_note}
 ## How it was made
 - Calibration: {calib['tokens']} tokens of `{calib['data']}` (sequence length {calib['seq_len']}, seed {calib['seed']},
   all-token Gram: {calib['gram']}).
-- Scoring `{method['scoring']}`, K = {method['select']} experts kept per layer, grouped into k = {method['groups']}
+- Scoring `{method['scoring']}` (conditional probability: `{method['cp']}`), K = {method['select']} experts kept per layer, grouped into k = {method['groups']}
   groups by `{method['grouping']}`, merged by `{method['merge']}`, down projections scaled `{method['scaling']}`.
 - D-optimal kernel (gram_logdet / gld_reap only): {method['kernel']}.
 - Dense FFN width {student['width']}, dtype {student['dtype']}. Not distilled yet: expect a quality gap to the

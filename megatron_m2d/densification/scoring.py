@@ -15,6 +15,9 @@ from megatron_m2d.calibration.store import LayerStats
 from megatron_m2d.errors import M2DError
 
 
+RIDGES = ("selected", "groups")  # what the D-optimal ridge divides mean(diag K) by: K or k
+
+
 @dataclass(frozen=True)
 class KernelOptions:
     """How the D-optimal kernel K = diag(sqrt w) G diag(sqrt w) is built (methods.md leaves it open).
@@ -25,14 +28,19 @@ class KernelOptions:
           pass and measured better pre-distillation perplexity on a trained MoE (methods.md), but it measures
           diversity of routed contributions, so identical experts that serve different tokens look distinct.
           'auto' (default): 'all' when the statistics have it, else 'gated'.
-    activation: the ACP weight of gld_reap. 'reap' is REAP's routed-token mean of g ||E_i||; 'rms' is the
-          public re-implementation's CP_i * sqrt(E_t ||E_i||^2) over all tokens (needs --gram).
-    lambda_scale: the ridge is lambda = lambda_scale * mean(diag K) / k (the re-implementation's rule at 1).
+    activation: the ACP weight of gld_reap. 'reap' (default) is REAP's routed-token mean of g ||E_i||, the
+          paper's ACP as REAP defines it; 'rms' is the public DO-ACP re-implementation's CP_i * sqrt(E_t ||E_i||^2)
+          over all tokens (needs --gram). Both take CP as the Method's `cp` says.
+    lambda_scale, ridge: lambda = lambda_scale * mean(diag K) / n with n = K, the number of experts selected
+          ('selected', default: the public DO-ACP code's rule; in the paper's pipeline selection precedes
+          grouping, so the kept set must not depend on k) or n = k, the number of groups ('groups': this
+          project's earlier rule). They agree for pure pruning (K = k), the paper's headline setting.
     """
 
     gram: str = "auto"
     activation: str = "reap"
     lambda_scale: float = 1.0
+    ridge: str = "selected"
 
     def __post_init__(self):
         if self.gram not in ("auto", "gated", "all"):
@@ -41,6 +49,8 @@ class KernelOptions:
             raise M2DError(f"unknown kernel activation {self.activation!r} (reap, rms)")
         if not self.lambda_scale > 0:
             raise M2DError("the kernel's lambda scale must be positive")
+        if self.ridge not in RIDGES:
+            raise M2DError(f"unknown kernel ridge {self.ridge!r} ({', '.join(RIDGES)})")
 
 
 @dataclass
@@ -86,7 +96,8 @@ def _d_optimal(stats: LayerStats, select: int, groups: int, weight: torch.Tensor
     gram = stats.gram(stats.resolve_gram(options.gram))
     root = weight.double().clamp(min=0).sqrt()
     kernel = root[:, None] * gram * root[None, :]
-    ridge = options.lambda_scale * float(kernel.diagonal().mean()) / groups
+    size = select if options.ridge == "selected" else groups
+    ridge = options.lambda_scale * float(kernel.diagonal().mean()) / size
     if ridge <= 0:  # an all-zero kernel (no expert ever routed) leaves nothing to choose by
         ridge = options.lambda_scale
     return Selection(greedy_logdet(kernel, select, ridge), weight.double().clamp(min=0))

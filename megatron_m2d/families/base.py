@@ -142,9 +142,15 @@ class Family:
         return moe_block.get_submodule(self.router.rsplit(".", 1)[0])
 
     def route(self, moe_block, x: torch.Tensor) -> Routing:
-        """Selection and applied weights exactly as the model routes x [T, H]: transformers' router modules of
-        every supported family return (logits, applied weights, selected indices)."""
-        logits, weights, indices = self.router_module(moe_block)(x)
+        """Selection and applied weights exactly as the model routes x [T, H]."""
+        return self.routing(self.router_module(moe_block)(x))
+
+    def routing(self, router_output) -> Routing:
+        """The router module's own output, as the statistics read it (calibration hooks the router in the forward
+        the model runs anyway): transformers' routers of every supported family return (logits, the weights the
+        model applies, the selected indices). The weights stay as applied: DeepSeek's routed_scaling_factor is in
+        them, and densify's scalings account for it."""
+        logits, weights, indices = router_output[:3]
         return Routing(logits, weights, indices, self.probabilities(logits))
 
     # ---- the dense target ---------------------------------------------------------------------------------

@@ -26,13 +26,22 @@ def _flags(experts: nn.Module) -> tuple[bool, bool, bool]:
 
 def expert_outputs(experts: nn.Module, x: torch.Tensor, ids: list[int] | None = None) -> torch.Tensor:
     """E_i(x) for the experts `ids` (all by default) on every token of x [T, H]: [len(ids), T, H], before gating.
-    One batched matmul per projection over the chosen experts."""
+    One matmul per projection over the chosen experts."""
     transposed, _, has_bias = _flags(experts)
     index = slice(None) if ids is None else torch.as_tensor(ids, device=x.device)
     gate_up, down = experts.gate_up_proj[index], experts.down_proj[index]
-    if not transposed:  # [n, 2I, H] / [n, H, I] -> input-major
-        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
-    hidden = torch.matmul(x.unsqueeze(0), gate_up)  # [n, T, 2I]
+    if ids is None and not transposed:
+        # all experts, [E, 2I, H] stacks: one GEMM against the stack viewed as [E*2I, H] (a view, no copy) runs
+        # ~2x faster on CPU than a bmm over an expanded x (calspeed's measurement, Qwen3-30B-A3B shapes, bf16)
+        count, width = gate_up.shape[0], gate_up.shape[1]
+        hidden = nn.functional.linear(x, gate_up.reshape(count * width, -1)).view(x.shape[0], count, width)
+        hidden = hidden.transpose(0, 1)  # [E, T, 2I]
+    else:
+        if not transposed:  # [n, 2I, H] -> input-major
+            gate_up = gate_up.transpose(1, 2)
+        hidden = torch.matmul(x.unsqueeze(0), gate_up)  # [n, T, 2I]
+    if not transposed:
+        down = down.transpose(1, 2)
     if has_bias:
         hidden = hidden + experts.gate_up_proj_bias[index].unsqueeze(1)
     out = torch.matmul(experts._apply_gate(hidden), down)  # [n, T, H]

@@ -23,15 +23,16 @@ from tqdm.auto import tqdm
 from megatron_m2d.calibration.run import calibrate
 from megatron_m2d.calibration.store import Statistics, model_fingerprint
 from megatron_m2d.data.text import token_stream
-from megatron_m2d.densification.export import build_ffn, dense_width, write_dense
+from megatron_m2d.densification.export import build_ffn, dense_width, write_dense, zero_pad
 from megatron_m2d.densification.grouping import GROUPINGS
 from megatron_m2d.densification.merge import SCALINGS
 from megatron_m2d.densification.plan import Method
-from megatron_m2d.densification.run import densify, make_plans
+from megatron_m2d.densification.run import check_statistics_serve, densify, make_plans
 from megatron_m2d.densification.scoring import SCORINGS, KernelOptions
 from megatron_m2d.errors import M2DError
 from megatron_m2d.evaluation.perplexity import load_model, stream_perplexity
 from megatron_m2d.families import family_of
+from megatron_m2d.families.experts import pack_expert
 from megatron_m2d.io.checkpoint import Checkpoint
 from megatron_m2d.sweep.report import write_reports
 
@@ -75,23 +76,24 @@ def load_results(out: Path) -> dict[str, dict]:
 
 
 def _apply_ffn(model, layer: int, ffn, layout: str) -> None:
-    """Overwrite one layer's dense FFN in the loaded student."""
+    """Overwrite one layer's dense FFN in the loaded student (zero-padded to its width, as the export writes it)."""
     mlp = model.model.layers[layer].mlp
     with torch.no_grad():
         if layout == "dense":
-            mlp.gate_proj.weight.copy_(ffn.gate)
-            mlp.up_proj.weight.copy_(ffn.up)
-            mlp.down_proj.weight.copy_(ffn.down)
-        else:  # the one-expert student keeps transformers' fused expert stacks in memory
-            mlp.experts.gate_up_proj[0].copy_(torch.cat([ffn.gate, ffn.up]))
-            mlp.experts.down_proj[0].copy_(ffn.down)
+            for part in ("gate", "up", "down"):
+                weight = getattr(mlp, f"{part}_proj").weight
+                weight.copy_(zero_pad(getattr(ffn, part), tuple(weight.shape)))
+        else:  # the one-expert student keeps transformers' fused expert stacks in memory, in their own layout
+            for name, row in pack_expert(mlp.experts, ffn).items():
+                getattr(mlp.experts, name)[0].copy_(row)
 
 
 def sweep(model: str | Path, out: str | Path, scorings=tuple(SCORINGS), groupings=tuple(GROUPINGS),
           scalings=tuple(SCALINGS), selects: list[int] | None = None, groups: int | None = None,
           stats: str | Path | None = None, data: str | None = None, eval_data: str = "fixture",
           eval_tokens: int = 16384, seq_len: int = 256, kernel: KernelOptions = KernelOptions(), seed: int = 0,
-          save_checkpoints: bool = False, calibration: dict | None = None, progress: bool = True) -> list[dict]:
+          save_checkpoints: bool = False, calibration: dict | None = None, progress: bool = True,
+          cp: str = "probability") -> list[dict]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpoint(model)
@@ -108,9 +110,12 @@ def sweep(model: str | Path, out: str | Path, scorings=tuple(SCORINGS), grouping
         stats = stats_dir
     statistics = Statistics(stats)
     statistics.check_matches(model_fingerprint(ckpt, family), model)
+    methods = {c.key: Method(c.scoring, c.select, groups, c.grouping, c.scaling, kernel=kernel, seed=seed, cp=cp)
+               for c in configs}
+    check_statistics_serve(statistics, list(methods.values()))
     settings = {"model": str(Path(model).resolve()), "stats": str(Path(stats).resolve()), "eval_data": eval_data,
                 "eval_tokens": eval_tokens, "seq_len": seq_len, "groups": groups, "kernel": vars(kernel),
-                "seed": seed}
+                "seed": seed, "cp": cp}
     previous = out / "sweep.json"
     if previous.exists() and json.loads(previous.read_text()).get("settings") != settings:
         raise M2DError(f"{out} holds a sweep made with other settings (model, statistics, evaluation, k, "
@@ -120,8 +125,7 @@ def sweep(model: str | Path, out: str | Path, scorings=tuple(SCORINGS), grouping
 
     layout, _ = dense_width(family, ckpt.config, groups)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
-        first = Method(configs[0].scoring, configs[0].select, groups, configs[0].grouping, configs[0].scaling,
-                       kernel=kernel, seed=seed)
+        first = methods[configs[0].key]
         write_dense(ckpt, family, make_plans(ckpt, family, statistics, first), first, Path(tmp), progress=False)
         student, tokenizer = load_model(tmp)
     tokens = token_stream(tokenizer, eval_data, eval_tokens, role="eval")  # tokenized once for all configs
@@ -142,8 +146,7 @@ def sweep(model: str | Path, out: str | Path, scorings=tuple(SCORINGS), grouping
             row.update(ppl=twin["ppl"], nll=twin["nll"], seconds=0.0, same_as=twin["key"])
         else:
             tick = time.perf_counter()
-            method = Method(config.scoring, config.select, groups, config.grouping, config.scaling,
-                            kernel=kernel, seed=seed)
+            method = methods[config.key]
             plans = make_plans(ckpt, family, statistics, method)
             for layer, plan in plans.items():
                 _apply_ffn(student, layer, build_ffn(ckpt, family, plan, method, layout), layout)
@@ -154,7 +157,7 @@ def sweep(model: str | Path, out: str | Path, scorings=tuple(SCORINGS), grouping
             if save_checkpoints:
                 densify(model, out / "checkpoints" / config.key.replace("|", "_"), config.scoring,
                         select=config.select, groups=groups, stats=stats, overwrite=True, progress=False,
-                        grouping=config.grouping, scaling=config.scaling, kernel=kernel, seed=seed)
+                        grouping=config.grouping, scaling=config.scaling, kernel=kernel, seed=seed, cp=cp)
         row["effective"] = list(effective)
         with (out / RESULTS).open("a") as handle:
             handle.write(json.dumps(row) + "\n")
