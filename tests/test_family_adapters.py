@@ -19,6 +19,7 @@ from megatron_m2d.io import mxfp4
 from megatron_m2d.io.checkpoint import Checkpoint
 from megatron_m2d.testing.tiny import with_mxfp4_experts
 from tests.conftest import FAMILIES as CASES
+from tests.test_errors import run_cli
 from tests.test_statistics import SEQ, TOKENS, brute_force
 
 
@@ -129,12 +130,9 @@ def test_mxfp4_densify_equals_densify_of_the_dequantised_copy(mxfp4_teacher, tex
 
 
 def cli_error(capsys, *args) -> str:
-    from megatron_m2d.cli import main
-
-    capsys.readouterr()
-    assert main(list(map(str, args))) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("m2d: error: "), err
+    """The one `m2d: error:` line of a refused command (exit 2)."""
+    code, err = run_cli(capsys, *args)
+    assert code == 2 and len(err) == 1 and err[0].startswith("m2d: error: "), err
     return err[0]
 
 

@@ -16,6 +16,7 @@ from megatron_m2d.data.text import token_blocks
 from megatron_m2d.densification.run import densify
 from megatron_m2d.densification.scoring import KernelOptions, greedy_logdet, score_layer
 from megatron_m2d.testing.tiny import byte_tokenizer
+from tests.test_family_adapters import cli_error
 
 TOKENS, SEQ = 512, 64
 
@@ -62,16 +63,6 @@ def test_densify_plan_records_the_conditional_probability(tiny, text_dir, tmp_pa
         expected = layer.conditional_prob
         assert plan["layers"]["0"]["importance"] == pytest.approx(expected.tolist(), abs=1e-7)
     assert "conditional probability: `probability`" in (tmp_path / "probability" / "README.md").read_text()
-
-
-def cli_error(capsys, *args) -> str:
-    from megatron_m2d.cli import main
-
-    capsys.readouterr()
-    assert main(list(map(str, args))) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("m2d: error: "), err
-    return err[0]
 
 
 @pytest.mark.parametrize("grouping", ["output_cluster", "dominant_expert"])
