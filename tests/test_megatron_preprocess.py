@@ -161,12 +161,16 @@ def test_oversized_document_is_refused(tmp_path, monkeypatch):
     (["--input", "{corpus}", "--workers", "0"], "--workers must be >= 1"),
     (["--input", "{corpus}", "--tokenizer", "{corpus}"], "cannot load the tokenizer"),
     (["--input", "{empty}"], "hold no documents"),
+    (["--input", "{corpus}", "--tokenizer", "{broken}"], "cannot load the tokenizer of"),
 ])
 def test_cli_errors_are_one_line(tmp_path, capsys, argv, message):
     write_corpus(tmp_path / "corpus")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "blank.jsonl").write_text('{"text": ""}\n')
-    argv = [a.format(corpus=tmp_path / "corpus", empty=tmp_path / "empty") for a in argv]
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "tokenizer_config.json").write_text((FIXTURE_TOKENIZER / "tokenizer_config.json").read_text())
+    (tmp_path / "broken" / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"}}')
+    argv = [a.format(corpus=tmp_path / "corpus", empty=tmp_path / "empty", broken=tmp_path / "broken") for a in argv]
     base = {"--tokenizer": str(FIXTURE_TOKENIZER), "--out": str(tmp_path / "out")}
     argv += [item for flag, value in base.items() if flag not in argv for item in (flag, value)]
     assert main(["preprocess", "--no-progress", *argv]) == 2

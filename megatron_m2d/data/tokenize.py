@@ -72,7 +72,8 @@ def read_tasks(files: list[Path]) -> Iterator[Task]:
         lines: list[bytes] = []
         size, first = 0, 1
         with file.open("rb") as handle:
-            for number, line in enumerate(handle, start=1):
+            # readline with a limit: a file of one endless line must not be read whole before it is refused
+            for number, line in enumerate(iter(lambda: handle.readline(MAX_DOCUMENT_BYTES + 1), b""), start=1):
                 _check_size(len(line), f"{file}:{number}")
                 lines.append(line)
                 size += len(line)

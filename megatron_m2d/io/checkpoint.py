@@ -173,5 +173,7 @@ def load_tokenizer(model: str | Path):
 
     try:
         return AutoTokenizer.from_pretrained(model)
-    except (OSError, ValueError, ImportError) as exc:  # ImportError: a sentencepiece model without sentencepiece
-        raise M2DError(f"cannot load the tokenizer of {model}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # malformed tokenizer files raise whatever transformers/tokenizers meet (KeyError,
+        # TypeError, tokenizers' own Exception); ImportError: a sentencepiece model without sentencepiece
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise M2DError(f"cannot load the tokenizer of {model}: {first_line}") from None
