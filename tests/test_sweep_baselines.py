@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,3 +117,21 @@ def test_d2d_refuses_moe_and_bad_width(tiny, tmp_path, text_dir):
         d2d(tiny("qwen3_moe"), str(text_dir), tmp_path / "x", width=8, progress=False)
     with pytest.raises(M2DError, match="--width"):
         d2d(dense_teacher(tmp_path / "dense"), str(text_dir), tmp_path / "y", width=99, progress=False)
+
+
+def test_d2d_width_matched_to_a_students_parameter_count(tmp_path):
+    """--match: the FFN width (multiple of 64) whose pruned model has the student's parameter count."""
+    from megatron_m2d.baselines.d2d import matched_width, parameter_count
+    from megatron_m2d.demo import FIXTURE_MOE
+    from megatron_m2d.planning.shapes import student_of
+
+    dense = AutoConfig.for_model("qwen3", vocab_size=1024, hidden_size=128, intermediate_size=1024,
+                                 num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1, head_dim=64)
+    target = parameter_count(dense) - 3 * 3 * 128 * (1024 - 640) + 1000  # a model with width 640, give or take
+    assert matched_width(dense, target) == 640
+    with pytest.raises(M2DError, match="pick a smaller dense teacher"):
+        matched_width(dense, 1000)
+    # the fixture's dense sibling has the MoE's attention: it matches the K=k=2 student at the student's width
+    fixture_dense = AutoConfig.from_pretrained(Path(FIXTURE_MOE).parent / "fixture-dense")
+    student = student_of(AutoConfig.from_pretrained(FIXTURE_MOE), 2)
+    assert matched_width(fixture_dense, parameter_count(student)) == student.intermediate_size == 256

@@ -65,6 +65,32 @@ def neuron_importance(ckpt: Checkpoint, blocks: torch.Tensor, batch_size: int, d
     return importance
 
 
+def parameter_count(config) -> int:
+    """Parameters of a HF model of this config, counted on the meta device (no memory, any size)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+
+
+def matched_width(dense_config, target_params: int, multiple: int = 64) -> int:
+    """The FFN width, a multiple of `multiple` (so it splits over tensor-parallel ranks), at which the dense
+    model's parameter count comes closest to `target_params` (D2D at the student's size). The count is linear
+    in the width, so two counts give it exactly."""
+    import copy
+
+    full = dense_config.intermediate_size
+    narrower = copy.deepcopy(dense_config)
+    narrower.intermediate_size = full - multiple
+    per_unit = (parameter_count(dense_config) - parameter_count(narrower)) / multiple
+    width = round((full - (parameter_count(dense_config) - target_params) / per_unit) / multiple) * multiple
+    if not multiple <= width <= full:
+        raise M2DError(f"no FFN width of this dense model gives {target_params / 1e9:.3g} B parameters (its "
+                       f"other parts alone hold {(parameter_count(dense_config) - per_unit * full) / 1e9:.3g} B): "
+                       "pick a smaller dense teacher")
+    return width
+
+
 def d2d(model: str | Path, data: str, out: str | Path, width: int, tokens: int = 65536, seq_len: int = 512,
         batch_size: int = 8, device: str = "auto", dtype: str = "auto", seed: int = 0, overwrite: bool = False,
         progress: bool = True, importance: str = "minitron") -> Path:

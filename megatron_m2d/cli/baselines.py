@@ -8,7 +8,11 @@ from megatron_m2d.cli.common import calibration_flags
 def register(commands) -> None:
     p = commands.add_parser("d2d", help="baseline: dense-to-dense FFN width pruning of a dense teacher")
     p.add_argument("--model", required=True, help="dense HF teacher")
-    p.add_argument("--width", type=int, required=True, help="FFN width to keep")
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--width", type=int, help="FFN width to keep")
+    size.add_argument("--match", metavar="MODEL_DIR",
+                      help="keep the FFN width (a multiple of 64) whose parameter count is closest to this HF "
+                           "model's, e.g. the densified student (a baseline at the same size)")
     p.add_argument("--importance", default="minitron", choices=["minitron", "mean"],
                    help="neuron importance: per-sequence mean |activation|, then L2 over sequences (Minitron, "
                         "modelopt's mcore_minitron; default), or the mean over all tokens")
@@ -28,9 +32,15 @@ def register(commands) -> None:
 
 
 def run_d2d(args) -> None:
-    from megatron_m2d.baselines.d2d import d2d
+    from megatron_m2d.baselines.d2d import d2d, matched_width, parameter_count
+    from megatron_m2d.io.checkpoint import Checkpoint
 
-    d2d(args.model, args.data, args.out, args.width, args.tokens, args.seq_len, args.batch_size, args.device,
+    width = args.width
+    if args.match:
+        width = matched_width(Checkpoint(args.model).config, parameter_count(Checkpoint(args.match).config))
+        print(f"FFN width {width} matches the {parameter_count(Checkpoint(args.match).config):,} parameters of "
+              f"{args.match}")
+    d2d(args.model, args.data, args.out, width, args.tokens, args.seq_len, args.batch_size, args.device,
         args.dtype, args.seed, args.overwrite, importance=args.importance)
 
 
