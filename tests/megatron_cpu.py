@@ -11,7 +11,14 @@ megatron-core assumes CUDA in a few places that a forward pass on CPU reaches:
 - megatron-core's own distributed-checkpoint writer (used by tests that compare formats) calls
   torch.cuda.synchronize() after its host copies;
 - activation recompute (tensor_parallel.checkpoint) saves and restores the CUDA RNG state around each recomputed
-  block: on CPU the CPU generator is the only state there is, so that is what is saved and restored.
+  block: on CPU the CPU generator is the only state there is, so that is what is saved and restored;
+- the optimizer, gradient clipping, DDP's gradient buffers and the pipeline schedules create small tensors
+  (scales, norms, token counts) with device="cuda": those modules see a `torch` whose factories put them on the CPU;
+- gradient clipping asserts that every gradient is a torch.cuda.FloatTensor before scaling it;
+- without Transformer Engine or apex, the local spec's torch norm refuses sequence parallelism (which a MoE
+  teacher under TP needs): here it accepts it and marks its weights `sequence_parallel`, as TE's and apex's norms
+  do, so finalize_model_grads sums their gradients over the tensor-parallel ranks. (`__new__` comes back as the
+  same function; Python looks it up alike whether or not it is wrapped in staticmethod.)
 """
 
 from __future__ import annotations
@@ -31,6 +38,53 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange")
+
+
+class _TorchOnCpu:
+    """`torch` as a megatron-core module that creates tensors on device "cuda" sees it: the same module, but its
+    tensor factories put such tensors on the CPU."""
+
+    def __getattr__(self, name):
+        value = getattr(torch, name)
+        if name not in _FACTORIES:
+            return value
+
+        def factory(*args, **kwargs):
+            if "device" in kwargs and str(kwargs["device"]).startswith("cuda"):
+                kwargs["device"] = "cpu"
+            return value(*args, **kwargs)
+
+        return factory
+
+
+def _modules_creating_cuda_tensors():
+    from megatron.core.distributed import param_and_grad_buffer
+    from megatron.core.optimizer import clip_grads, optimizer
+    from megatron.core import utils
+    from megatron.core.pipeline_parallel import schedules
+
+    return (optimizer, clip_grads, param_and_grad_buffer, schedules, utils)
+
+
+def _clip_grads_on_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron-core's clip_grad_by_total_norm_fp32 (same coefficient), without its CUDA type assertion."""
+    coefficient = max_norm / (total_norm + 1.0e-6)
+    if coefficient < 1.0:
+        for param in parameters:
+            grad = getattr(param, "decoupled_grad", None) if use_decoupled_grad else param.grad
+            if grad is not None:
+                grad.detach().mul_(coefficient)
+
+
+def _torch_norm_under_sequence_parallel(cls, config, hidden_size, eps=1e-5, *args, **kwargs):
+    norm_class = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}[config.normalization]
+    norm = norm_class(normalized_shape=hidden_size, eps=eps)
+    for param in norm.parameters():
+        setattr(param, "sequence_parallel", config.sequence_parallel)
+    return norm
+
+
 def apply_cpu_patches(setattr_=setattr) -> None:
     """The patches, for a process of our own (a spawned rank) or through pytest's monkeypatch.setattr."""
     from megatron.core.fusions import fused_softmax
@@ -40,6 +94,13 @@ def apply_cpu_patches(setattr_=setattr) -> None:
     setattr_(torch.cuda, "current_device", lambda: "cpu")
     setattr_(torch.cuda, "synchronize", lambda *args, **kwargs: None)
     setattr_(tp_random.CudaRNGStatesTracker, "fork", contextlib.contextmanager(lambda self, name=None: (yield)))
+    for module in _modules_creating_cuda_tensors():
+        setattr_(module, "torch", _TorchOnCpu())
+    from megatron.core.optimizer import optimizer
+    from megatron.core.transformer import torch_norm
+
+    setattr_(optimizer, "clip_grad_by_total_norm_fp32", _clip_grads_on_cpu)
+    setattr_(torch_norm.WrappedTorchNorm, "__new__", staticmethod(_torch_norm_under_sequence_parallel))
     if not hasattr(moe_utils, "te_general_gemm"):
         setattr(moe_utils, "te_general_gemm", None)
     if hasattr(fused_softmax, "get_sliding_window_causal_mask"):  # builds its mask on device "cuda"

@@ -56,17 +56,20 @@ def read_provider_config(checkpoint: str | Path) -> ProviderConfig:
 
 
 def model_provider(checkpoint: str | Path, params_dtype: torch.dtype | None = None, parallel_output: bool = True,
-                   use_te: bool | None = None, moe_grouped_gemm: bool | None = None):
-    """A Megatron-style provider: (vp_stage=None) -> this rank's GPTModel, sized by the current parallel state."""
+                   use_te: bool | None = None, moe_grouped_gemm: bool | None = None,
+                   sizes: ParallelSizes | None = None, config_overrides: dict | None = None):
+    """A Megatron-style provider: (vp_stage=None) -> this rank's GPTModel, sized by the current parallel state
+    (or by `sizes`: a dense student beside an expert-parallel teacher has EP 1). `config_overrides` are
+    TransformerConfig fields set over the checkpoint's (training settings: bf16, fp8, recompute, router top-k)."""
     from megatron_m2d.convert.megatron_model import build_gpt_model
 
     provider = read_provider_config(checkpoint)
 
     def build(vp_stage: int | None = None):
-        sizes = ParallelSizes.from_parallel_state()
-        return build_gpt_model(provider.hf_config, params_dtype or provider.dtype, sizes, provider.vocab_rows,
+        return build_gpt_model(provider.hf_config, params_dtype or provider.dtype,
+                               sizes or ParallelSizes.from_parallel_state(), provider.vocab_rows,
                                vp_stage=vp_stage, parallel_output=parallel_output, use_te=use_te,
-                               moe_grouped_gemm=moe_grouped_gemm)
+                               moe_grouped_gemm=moe_grouped_gemm, config_overrides=config_overrides)
 
     return build
 

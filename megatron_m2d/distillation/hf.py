@@ -73,6 +73,15 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
         return F.kl_div(log_s, p_t, reduction="none").sum(-1) * temperature**2
 
 
+def micro_batch_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, ids: torch.Tensor, temperature: float,
+                     kd_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, kd, lm) of a micro-batch: the KD term averaged over all its tokens, the LM term over the tokens
+    that have a next token in the block. The Megatron backend (distillation/megatron/loss.py) averages alike."""
+    kd = kd_loss(logits, teacher_logits, temperature).mean()
+    lm = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    return kd_weight * kd + (1 - kd_weight) * lm, kd, lm
+
+
 def set_teacher_top_k(teacher, top_k: int | None) -> None:
     """Teacher top-k expansion: every router of the MoE teacher selects `top_k` experts."""
     if top_k is None:
@@ -147,9 +156,7 @@ def distill(teacher: str | Path, student: str | Path, data: str, out: str | Path
             sync = world == 1 or m == config.grad_accum - 1  # all-reduce gradients once per step
             with model.no_sync() if not sync else contextlib.nullcontext():
                 logits = model(input_ids=micro).logits
-                kd = kd_loss(logits, teacher_logits, config.temperature).mean()
-                lm = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), micro[:, 1:].reshape(-1))
-                loss = config.kd_weight * kd + (1 - config.kd_weight) * lm
+                loss, kd, lm = micro_batch_loss(logits, teacher_logits, micro, config.temperature, config.kd_weight)
                 (loss / config.grad_accum).backward()
             totals += torch.tensor([loss.item(), kd.item(), lm.item()], dtype=torch.float64) / config.grad_accum
         if config.clip_grad > 0:
