@@ -191,6 +191,18 @@ def test_impossible_layouts_are_refused_in_one_line(changes, message):
         make_plan(student, teacher, layout(**changes), ACCELERATORS["h100"], mfu=0.4, tokens=4e9)
 
 
+def test_one_expert_students_are_planned_at_their_expert_width():
+    """GPT-OSS students are the family's own class with one expert of width k x I and top-1 routing."""
+    teacher_config = read_hf_config(EXAMPLES / "gpt-oss-20b")
+    student = ModelShape.from_hf_config(student_of(teacher_config, 4))
+    assert (student.experts, student.top_k, student.expert_ffn) == (1, 1, 4 * 2880)
+    assert student.token_ffn_width == 4 * 2880
+    teacher = ModelShape.from_hf_config(teacher_config)
+    memory = memory_plan(student, teacher, layout(), reserve=0)
+    # its single expert is trained like any weight: in the student's weights, not spread over EP ranks
+    assert memory.part("student_weights").bytes == pytest.approx(2 * student.total_params(), rel=0.01)
+
+
 def test_student_of_refuses_bad_group_counts():
     teacher_config = read_hf_config(EXAMPLES / "qwen3-30b-a3b")
     with pytest.raises(M2DError, match="--groups 0"):

@@ -79,8 +79,9 @@ def attention_bytes(shape: ModelShape, layout: Layout, recompute: str | None) ->
 
 def ffn_bytes(shape: ModelShape, layout: Layout) -> float:
     """Bytes per token kept by a SwiGLU FFN after its input norm: fc1 out (2f), offset copy, silu out (f each)
-    and the product, fc2's input (FP8 copy instead under FP8)."""
-    f, b = shape.ffn / layout.tp, layout.activation_bytes
+    and the product, fc2's input (FP8 copy instead under FP8). A one-expert MoE student (GPT-OSS) counts its
+    expert's width; its router and token permutation add a few hidden-size copies, not counted."""
+    f, b = shape.token_ffn_width / layout.tp, layout.activation_bytes
     return 4 * f * b + f * (1 if layout.fp8 else b)
 
 

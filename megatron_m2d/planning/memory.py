@@ -54,16 +54,16 @@ def stage_layers(shape: ModelShape, pp: int, stage: int) -> range:
     return range(stage * per_stage, (stage + 1) * per_stage)
 
 
-def rank_params(shape: ModelShape, layout: Layout, stage: int) -> dict[str, float]:
+def rank_params(shape: ModelShape, layout: Layout, stage: int, ep: int = 1) -> dict[str, float]:
     """Parameters one rank of `stage` holds: 'dense' (split by TP, norms replicated), 'experts' (routed experts,
-    E / teacher_ep whole experts per MoE layer), 'gemm' (the dense ones that are matrix weights)."""
+    E / ep whole experts per MoE layer), 'gemm' (the dense ones that are matrix weights)."""
     tp, h = layout.tp, shape.hidden
     norms_per_layer = 2 * h + (2 * shape.qk_head_dim if shape.qk_norm else 0)
     dense = experts = 0.0
     for layer in stage_layers(shape, layout.pp, stage):
         layer_dense, layer_experts = shape.layer_params(layer)
         dense += (layer_dense - norms_per_layer) / tp + norms_per_layer
-        experts += layer_experts / max(layout.teacher_ep, 1) if layer_experts else 0
+        experts += layer_experts / ep
     gemm = dense - len(stage_layers(shape, layout.pp, stage)) * norms_per_layer
     if stage == 0:
         dense += shape.embedding_params / tp
@@ -118,9 +118,9 @@ def teacher_working_set(teacher: ModelShape, layout: Layout, top_k: int) -> floa
 
 def stage_memory(student: ModelShape, teacher: ModelShape, layout: Layout, stage: int,
                  reserve: float) -> StageMemory:
-    s = rank_params(student, layout, stage)
-    t = rank_params(teacher, layout, stage)
-    parts = training_state(s["dense"], s["gemm"], layout)
+    s = rank_params(student, layout, stage)  # the student has no expert parallelism (a one-expert one neither)
+    t = rank_params(teacher, layout, stage, ep=layout.teacher_ep)
+    parts = training_state(s["dense"] + s["experts"], s["gemm"] + s["experts"], layout)
     acts = {mode: student_activations(student, layout, stage, mode) for mode in (None, "selective", "full")}
     chosen = acts[layout.recompute]
     in_flight = min(layout.pp - stage, layout.micro_batches)

@@ -135,6 +135,12 @@ class ModelShape:
         return dense + self.ffn_params(self.ffn), 0
 
     @property
+    def token_ffn_width(self) -> int:
+        """The FFN width a token passes through: the dense FFN, or top-k routed experts plus shared ones (a
+        one-expert student: its single expert)."""
+        return self.top_k * self.expert_ffn + self.shared_ffn if self.is_moe else self.ffn
+
+    @property
     def embedding_params(self) -> int:
         return self.vocab_rows * self.hidden
 
@@ -192,8 +198,6 @@ def student_of(teacher_config, groups: int):
     family = family_of(teacher_config)
     if not 1 <= groups <= family.num_experts(teacher_config):
         raise M2DError(f"--groups {groups} must be between 1 and the {family.num_experts(teacher_config)} experts")
-    layout, width = dense_width(family, teacher_config, groups)
-    if layout != "dense":
-        raise M2DError(f"densify writes {teacher_config.model_type} students in the one-expert layout, which "
-                       "has no Megatron mapping; plan with a converted student directory instead")
+    _, width = dense_width(family, teacher_config, groups)
+    # 'one_expert' (GPT-OSS, OLMoE): the family's own class with one expert of that width and top-1 routing
     return family.dense_config(teacher_config, width)
