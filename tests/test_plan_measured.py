@@ -141,3 +141,38 @@ def test_plan_matches_a_tensor_parallel_rank(tmp_path):
     mp.spawn(_tensor_parallel_rank, args=(2, free_port(), str(out)), nprocs=2, join=True)
     result = json.loads(out.read_text())
     assert_close(result["plan"], result["measured"])
+
+
+def test_logits_and_kd_loss_term_bounds_the_real_loss(tmp_path):
+    """The plan's logits term (student and teacher logits, the logits' gradient, five fp32 loss chunks) against
+    the peak of the engine's KD loss (forward and backward) over real logits, in a fresh process (so nothing
+    allocated before the trace is freed inside it). It is an upper bound (the loss holds up to five chunks, three
+    in this run), within 10 % when the logits dominate."""
+    import subprocess
+    import sys
+
+    probe = """
+import json, sys, torch
+from megatron_m2d.distillation.megatron.loss import kd_and_lm_per_token
+from megatron_m2d.testing.allocations import AllocationTrace
+tokens, vocab = 1024, 32000
+with AllocationTrace() as trace:
+    trace.mark("start")
+    student = torch.randn(tokens, vocab, dtype=torch.bfloat16, requires_grad=True)
+    teacher = torch.randn(tokens, vocab, dtype=torch.bfloat16)
+    labels = torch.randint(0, vocab, (tokens,))
+    kd, lm = kd_and_lm_per_token(student, teacher, labels, 1.0, vocab)
+    (kd.mean() + lm.mean()).backward()
+    trace.mark("end")
+print(json.dumps({"peak": trace.peak("start", "end") - trace.live("start")}))
+"""
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    measured = json.loads(result.stdout.strip().splitlines()[-1])["peak"]
+    from megatron_m2d.planning.memory import KD_LOSS_CHUNKS, kd_loss_chunk_bytes, logits_bytes
+
+    shape = ModelShape(name="x", layers=1, hidden=64, heads=1, query_groups=1, qk_head_dim=64, v_head_dim=64,
+                       ffn=64, vocab_rows=32000)
+    layout = Layout(gpus=1, seq_len=1024, global_batch=1, micro_batch=1)
+    planned = 3 * logits_bytes(shape, layout) + KD_LOSS_CHUNKS * kd_loss_chunk_bytes(shape, layout)
+    assert measured <= planned and measured > 0.9 * planned, (measured, planned)

@@ -14,7 +14,7 @@ from megatron_m2d import __version__
 from megatron_m2d.errors import M2DError
 
 # in the order `m2d --help` lists them: the pipeline, then the tools around it
-COMMAND_MODULES = ("calibrate", "densify", "baselines", "evaluate", "preprocess", "distill", "convert", "demo")
+COMMAND_MODULES = ("calibrate", "densify", "baselines", "evaluate", "preprocess", "distill", "plan", "convert", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

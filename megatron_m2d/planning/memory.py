@@ -9,8 +9,9 @@ student's, its routed experts whole on each of `teacher_ep` ranks (expert-tensor
 
 Transient working sets are counted at their peak, all at once (a conservative sum): the teacher's forward of one
 layer (no graph: nothing is kept), and on the last stage the logits and the KD loss: student and teacher logits
-(bf16, this rank's vocabulary shard), the logits' gradient, and the loss's own working set, bounded by the
-engine's test at twice one model's bf16 logits (token-chunked fp32 softmaxes, never a full-vocabulary fp32 copy).
+(bf16, this rank's vocabulary shard, as the output layers return them to modelopt's hooks), the logits' gradient,
+and the loss's fp32 chunks (distillation/megatron/loss.py: token chunks of at most 1/8 of one model's logits and
+64 MiB; forward and backward hold up to five at once), never a full-vocabulary fp32 copy.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from megatron_m2d.planning.activations import student_activations
 from megatron_m2d.planning.layout import GiB, Layout
 from megatron_m2d.planning.shapes import ModelShape
 
-KD_LOSS_BOUND = 2.0  # the KD loss's working set, in units of one model's bf16 logits (the engine tests it)
+KD_LOSS_CHUNKS = 5  # fp32 chunks the KD loss holds at once at most (loss.py)
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,17 @@ def logits_bytes(shape: ModelShape, layout: Layout) -> float:
     return layout.micro_batch * layout.seq_len * shape.vocab_rows / layout.tp * layout.activation_bytes
 
 
+def kd_loss_chunk_bytes(shape: ModelShape, layout: Layout) -> float:
+    """One fp32 chunk of the KD loss: whole rows of this rank's vocabulary shard, sized as loss.py sizes it."""
+    from megatron_m2d.distillation.megatron.loss import CHUNK_BYTES_MAX, CHUNK_BYTES_MIN, CHUNK_FRACTION
+
+    shard = shape.vocab_rows // layout.tp
+    tokens = layout.micro_batch * layout.seq_len
+    target = min(CHUNK_BYTES_MAX, max(CHUNK_BYTES_MIN, logits_bytes(shape, layout) // CHUNK_FRACTION))
+    rows = min(tokens, max(1, target // (4 * shard)))
+    return rows * shard * 4
+
+
 def teacher_working_set(teacher: ModelShape, layout: Layout, top_k: int) -> float:
     """Peak bytes of one teacher layer's forward for one micro-batch (no_grad: freed layer by layer). Attention:
     q, k, v and output (+ the s x s scores and fp32 softmax in the local spec). MoE with the allgather dispatcher:
@@ -137,7 +149,7 @@ def stage_memory(student: ModelShape, teacher: ModelShape, layout: Layout, stage
     if stage == layout.pp - 1:
         one = logits_bytes(student, layout)
         parts.append(Part("logits", "logits and KD loss (student, teacher, gradient, loss chunks)",
-                          3 * one + KD_LOSS_BOUND * one))
+                          3 * one + KD_LOSS_CHUNKS * kd_loss_chunk_bytes(student, layout)))
     parts.append(Part("reserve", "reserve (CUDA context, NCCL, workspaces, fragmentation)", reserve))
     by_mode = {mode or "none": v["kept"] + v["transient"] for mode, v in acts.items()}
     return StageMemory(stage, tuple(parts), by_mode)
