@@ -50,6 +50,38 @@ def test_one_step_gives_the_hf_backends_loss_and_gradients(megatron_cpu, pair, t
         assert torch.allclose(grad, expected[name], atol=1e-5 * float(expected[name].abs().max())), name
 
 
+def test_a_one_expert_student_trains_as_its_hf_model_does(megatron_cpu, pair, tmp_path):  # noqa: F811
+    """GPT-OSS and OLMoE students are their family's MoE class with one expert (top-1, weight 1): built with a MoE
+    layer at expert parallel 1, one step gives the HF backend's loss."""
+    from megatron_m2d.convert.checkpoint import hf_to_megatron_checkpoint
+    from megatron_m2d.distillation.megatron.loop import train_step
+    from megatron_m2d.testing.tiny import build_tiny_moe
+
+    hf = build_tiny_moe(tmp_path / "one-expert", num_experts=1, num_experts_per_tok=1, moe_intermediate_size=64,
+                        norm_topk_prob=False)  # megatron-core routes top-1 pre-softmax only (weight 1 alike)
+    one = dict(pair, student_hf=hf, student=hf_to_megatron_checkpoint(hf, tmp_path / "one-megatron", progress=False))
+    engine = engine_for(one, tmp_path / "run")
+    assert any(type(m).__name__ == "MoELayer" for m in engine.models.distillation.modules())
+    ids = token_ids(3, 4)
+    ours = train_step(engine, micro_batches(ids, 2))
+    theirs, _ = hf_step(one, ids, 2, 1.0, 1.0)
+    assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_activation_recompute_changes_nothing_computed(megatron_cpu, pair, recompute, tmp_path):  # noqa: F811
+    """Recomputing the student's activations in backward gives the same loss and gradients (bitwise on CPU)."""
+    from megatron_m2d.distillation.megatron.loop import train_step
+
+    results = []
+    for setting in (None, recompute):
+        engine = engine_for(pair, tmp_path, recompute=setting, clip_grad=0.0)
+        loss = train_step(engine, micro_batches(token_ids(0, 4), 2))["loss"]
+        results.append((loss, megatron_grads(engine.models.distillation)))
+    (plain, plain_grads), (again, again_grads) = results
+    assert again == plain and all(torch.equal(again_grads[k], plain_grads[k]) for k in plain_grads)
+
+
 def test_only_the_student_trains_and_is_saved(megatron_cpu, pair, tmp_path):  # noqa: F811
     """modelopt froze the teacher: no gradient, no optimizer state, no key in the student's sharded state dict;
     its router runs at --teacher-top-k."""

@@ -83,6 +83,8 @@ class RunConfig:
     log_every: int = _f(10, "log every N steps")
     tensorboard: bool = _f(True, "write TensorBoard event files under <out>/tensorboard")
     wandb_project: str | None = _f(None, "also log to this Weights & Biases project (needs wandb)")
+    peak_tflops: float | None = _f(None, "per-device dense peak TFLOP/s that MFU is stated against (unset: the "
+                                         "GPU's datasheet bf16 peak, or a measured matmul rate on CPU)")
     check_teacher: bool = _f(True, "compare the teacher's logits with its HF checkpoint before the first step")
     export: bool = _f(True, "export the final student to <out>/model as a HF directory")
     make_vocab_size_divisible_by: int = _f(128, "vocabulary padding when a HF input is converted first")
@@ -132,11 +134,13 @@ class RunConfig:
 
     # ---- checks -----------------------------------------------------------------------------------------------
 
-    def validate(self) -> "RunConfig":
+    def validate(self, required: tuple[str, ...] | None = None) -> "RunConfig":
         """One-line M2DError for the first setting that cannot work; the config itself when all can. Checks that
-        need the models or the world size live where those are known (parallel.plan_layout, models)."""
+        need the models or the world size live where those are known (parallel.plan_layout, models).
+        `required`: the fields that must be set (default: all a run needs; a plan needs teacher and student)."""
         for f in fields(self):
-            if f.metadata.get("required") and getattr(self, f.name) in (None, "", [], {}):
+            needed = f.metadata.get("required") if required is None else f.name in required
+            if needed and getattr(self, f.name) in (None, "", [], {}):
                 raise M2DError(f"--{_flag(f.name)} is required")
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -175,9 +179,12 @@ class RunConfig:
             if not te_available():
                 raise M2DError("--fp8 needs Transformer Engine, which is not importable here "
                                "(install transformer_engine[pytorch], or drop --fp8)")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise M2DError(f"--peak-tflops must be > 0, got {self.peak_tflops}")
         from megatron_m2d.distillation.megatron.data import parse_blend, parse_split
 
-        parse_blend(self.data)
+        if self.data is not None:
+            parse_blend(self.data)
         parse_split(self.split)
         return self
 

@@ -40,8 +40,12 @@ def check_pair(config: RunConfig, student: ModelInput, teacher: ModelInput) -> N
     """One-line errors for a teacher and student that cannot be distilled into each other at this layout (read
     from their configs and tokenizers: nothing converted or loaded yet)."""
     s_kwargs, t_kwargs = transformer_config_kwargs(student.hf_config), transformer_config_kwargs(teacher.hf_config)
-    if s_kwargs.get("num_moe_experts"):
-        raise M2DError(f"the student {student.path} is a MoE model; the engine trains a dense student")
+    if s_kwargs.get("num_moe_experts", 1) != 1:
+        raise M2DError(f"the student {student.path} is a MoE model; the engine trains dense students (and the "
+                       "one-expert layout densify writes for GPT-OSS and OLMoE)")
+    if s_kwargs.get("num_moe_experts") and config.teacher_ep > 1:  # one expert-parallel size serves both models
+        raise M2DError(f"a one-expert student ({student.path}) cannot sit beside an expert-parallel teacher: "
+                       "megatron-core gives both models the same expert-parallel groups; use --teacher-ep 1")
     if student.hf_config.vocab_size != teacher.hf_config.vocab_size:
         raise M2DError(f"teacher and student vocabularies differ ({teacher.hf_config.vocab_size} vs "
                        f"{student.hf_config.vocab_size} tokens)")
@@ -88,7 +92,9 @@ def _training_overrides(config: RunConfig, layout: Layout) -> tuple[dict, dict]:
     common = dict(bf16=bf16, sequence_parallel=sequence_parallel, use_cpu_initialization=not torch.cuda.is_available(),
                   cross_entropy_loss_fusion=False,  # TE's fused CE overwrites the logits the KD loss reads
                   calculate_per_token_loss=False)  # each micro-batch averaged, as the HF backend does
-    student = dict(common, fp8=config.fp8, fp8_recipe=config.fp8_recipe if config.fp8 else "delayed")
+    # expert tensor parallel 1 for both: the parallel state's (a one-expert student has a MoE layer too)
+    student = dict(common, fp8=config.fp8, fp8_recipe=config.fp8_recipe if config.fp8 else "delayed",
+                   expert_tensor_parallel_size=1)
     if config.recompute == "selective":
         student.update(recompute_granularity="selective")
     elif config.recompute == "full":
