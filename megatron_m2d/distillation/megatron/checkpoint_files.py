@@ -1,0 +1,136 @@
+"""The on-disk protocol of training checkpoints: names, the completion marker, atomic publication and deletion,
+and the student's files every checkpoint carries. Rank 0 runs these; nothing here is collective.
+
+    root/step_0000200/            complete (COMPLETE written last, then the directory renamed into place)
+    root/.step_0000300.tmp/       a save in progress, or one a kill interrupted (removed on the next start)
+    root/.step_0000100.deleting/  being pruned (renamed first: a kill mid-deletion leaves nothing that looks whole)
+    root/.step_0000200.unreadable/  set aside by a resume that could not read it (kept for inspection)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from megatron_m2d import __version__
+from megatron_m2d.convert.checkpoint import SIDE_FILES_DIR
+from megatron_m2d.convert.dcp_read import ChunkReader
+from megatron_m2d.convert.provider import META
+from megatron_m2d.errors import M2DError
+
+PREFIX, MARKER = "step_", "COMPLETE"
+STATE_FILE, CONFIG_FILE, RNG_DIR, RECORD_DIR = "train_state.json", "run_config.json", "rng", "densify"
+RECORD_FILES = ("README.md", "m2d_plan.json")  # what densify wrote beside the student: its model card and plan
+LEFTOVERS = (".tmp", ".deleting", ".replaced")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:07d}"
+
+
+def step_of(path: Path) -> int:
+    return int(path.name[len(PREFIX):])
+
+
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()
+             and (p / MARKER).is_file()]
+    return sorted(found, key=step_of)
+
+
+def write_json(path: Path, value) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise M2DError(f"{path.name}: {e}") from None
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def set_aside(path: Path, reason: str) -> Path:
+    """Rename out of the loader's sight (atomic); deleted at once unless kept ("unreadable")."""
+    aside = path.with_name(f".{path.name}.{reason}")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(path, aside)
+    if reason != "unreadable":
+        shutil.rmtree(aside, ignore_errors=True)
+    return aside
+
+
+def publish(tmp: Path, final: Path, keep: int) -> None:
+    """Mark `tmp` complete, rename it to `final` (replacing a stale checkpoint of the same step) and keep only the
+    newest `keep` complete checkpoints."""
+    (tmp / MARKER).write_text(f"{final.name}\n")
+    _fsync_directory(tmp)
+    stale = final.with_name(f".{final.name}.replaced")
+    if final.exists():
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(final, stale)
+    os.replace(tmp, final)
+    _fsync_directory(final.parent)
+    for old in complete_checkpoints(final.parent)[:-keep]:
+        if old != final:
+            set_aside(old, "deleting")
+    shutil.rmtree(stale, ignore_errors=True)
+
+
+def clean_leftovers(root: Path) -> None:
+    """Saves and deletions a kill interrupted (never a complete checkpoint, nor one set aside as unreadable)."""
+    for path in root.glob(f".{PREFIX}*"):
+        if path.is_dir() and path.suffix in LEFTOVERS:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+_STUDENT_KEYS: dict[Path, set[str]] = {}
+
+
+def _model_keys(checkpoint: Path) -> set[str]:
+    """Tensor keys of a checkpoint's model (everything but the optimizer's state)."""
+    reader = ChunkReader(checkpoint)
+    return {k for k in reader.keys() if reader.global_shape(k) is not None and not k.startswith("optimizer.")}
+
+
+def check_student_keys(written: Path, student_dir: Path) -> None:
+    """The model keys must be the converted student's: `m2d convert megatron-to-hf` then reads the checkpoint, and
+    a teacher that leaked into the student's sharded state dict would show here."""
+    if student_dir not in _STUDENT_KEYS:
+        _STUDENT_KEYS[student_dir] = _model_keys(student_dir)
+    ours, theirs = _model_keys(written), _STUDENT_KEYS[student_dir]
+    if ours != theirs:
+        raise M2DError(f"internal error: the checkpoint's model keys are not the converted student's (extra "
+                       f"{sorted(ours - theirs)[:3]}, missing {sorted(theirs - ours)[:3]}): was the teacher saved?")
+
+
+def write_student_files(tmp: Path, student_dir: Path, step: int, sizes: dict) -> None:
+    """The converter's provider config (retargeted at the run's layout) and side files, and the densify record
+    (model card and plan) when the student's HF directory still has them."""
+    meta = read_json(student_dir / META)
+    write_json(tmp / META, {**meta, "parallel": sizes, "written_layout": sizes, "training_step": step,
+                            "m2d_version": __version__})
+    if (student_dir / SIDE_FILES_DIR).is_dir():
+        shutil.copytree(student_dir / SIDE_FILES_DIR, tmp / SIDE_FILES_DIR)
+    source = Path(meta["source"]) if meta.get("source") else None
+    record = [source / name for name in RECORD_FILES if source is not None and (source / name).is_file()]
+    if record:
+        (tmp / RECORD_DIR).mkdir()
+        for path in record:
+            shutil.copy2(path, tmp / RECORD_DIR / path.name)
