@@ -10,7 +10,9 @@ from megatron_m2d.errors import M2DError
 def register(commands) -> None:
     p = commands.add_parser("convert", help="HF <-> Megatron-Core distributed checkpoint (needs megatron-core)")
     p.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
-    p.add_argument("--model", required=True, help="HF directory (hf-to-megatron) or m2d Megatron checkpoint")
+    p.add_argument("--model", required=True, help="HF directory (hf-to-megatron), or a Megatron checkpoint: "
+                   "converted, saved by Megatron training, or a distillation checkpoint (step_N: its model card "
+                   "adds the distillation record)")
     for flag, what in (("--tp", "tensor"), ("--pp", "pipeline"), ("--ep", "expert")):
         p.add_argument(flag, type=int, default=1, help=f"target {what} parallel size (checked against the model; "
                        "one process writes a checkpoint that loads at any size, torchrun with tp*pp*ep ranks "
@@ -45,6 +47,11 @@ def run_convert(args) -> None:
         out = checkpoint.hf_to_megatron_checkpoint(args.model, args.out, sizes, args.overwrite,
                                                    vocab_divisible_by=args.make_vocab_size_divisible_by)
     else:
-        out = checkpoint.megatron_to_hf_checkpoint(args.model, args.out, args.overwrite)
+        from megatron_m2d.distillation.megatron import export
+
+        if export.is_training_checkpoint(args.model):  # a distillation checkpoint: its card adds the record
+            out = export.export_student(args.model, args.out, overwrite=args.overwrite)
+        else:
+            out = checkpoint.megatron_to_hf_checkpoint(args.model, args.out, args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank converts its shard; one reports
         print(f"{args.direction}: {args.model} -> {out}")

@@ -194,9 +194,11 @@ def _by_layer(chunks: list[Chunk]) -> dict[str, list[Chunk]]:
 
 
 def megatron_to_hf_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool = False,
-                              progress: bool = True) -> Path:
+                              progress: bool = True, write_card=None) -> Path:
     """Export a Megatron-Core checkpoint (converted by us, or saved by Megatron training under any layout) to HF
-    safetensors, one decoder layer in memory at a time."""
+    safetensors, one decoder layer in memory at a time. `write_card(directory)` writes the model card (and any
+    record beside it) into the output before it is renamed into place; by default a card saying where it came
+    from (a distillation checkpoint's export adds its record: distillation.megatron.export)."""
     checkpoint, out = Path(checkpoint), check_output_path(out, overwrite)
     provider = read_provider_config(checkpoint)
     config, dtype = provider.hf_config, provider.dtype
@@ -228,7 +230,10 @@ def megatron_to_hf_checkpoint(checkpoint: str | Path, out: str | Path, overwrite
         side = checkpoint / SIDE_FILES_DIR
         if side.is_dir():
             copy_side_files(side, tmp)
-        _write_export_card(tmp, checkpoint, provider)
+        if write_card is not None:
+            write_card(tmp)
+        else:
+            _write_export_card(tmp, checkpoint, provider)
     return out
 
 

@@ -1,0 +1,129 @@
+"""The distilled student as a HF directory: the dense class densify wrote, the tokenizer files, and a model card
+that adds the distillation record to the densify record.
+
+Everything comes from the training checkpoint itself (weights and provider config, side files, the densify
+card and plan copied at save time, train_state.json and run_config.json), so the end of a run and
+`m2d convert megatron-to-hf` on any of its checkpoints write the same directory.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+from megatron_m2d import __version__
+from megatron_m2d.distillation.megatron.checkpoint_files import (CONFIG_FILE, RECORD_DIR, STATE_FILE, read_json)
+from megatron_m2d.errors import M2DError
+
+PLAN_FILE = "m2d_plan.json"  # densify's plan (densification.run.PLAN_FILE), kept beside the exported student
+# densify's card says "Not distilled yet: expect a quality gap ... (`m2d distill`)." until a record follows
+NOT_DISTILLED = re.compile(r"\s*Not distilled yet[^.]*\.")
+
+
+def is_training_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / STATE_FILE).is_file()
+
+
+def distillation_record(checkpoint: str | Path) -> dict:
+    """What the card states about the distillation, from the checkpoint's train state and run config."""
+    checkpoint = Path(checkpoint)
+    meta, config = read_json(checkpoint / STATE_FILE), read_json(checkpoint / CONFIG_FILE)
+    state = meta["train_state"]
+    return {
+        "teacher": config.get("teacher"), "data": config.get("data"), "split": config.get("split"),
+        "tokens": state.get("tokens"), "steps": state.get("step"), "planned_steps": config.get("steps"),
+        "global_batch": config.get("global_batch"), "seq_len": config.get("seq_len"),
+        "schedule": {k: config.get(k) for k in ("schedule", "lr", "min_lr", "warmup", "decay", "weight_decay",
+                                                 "clip_grad", "adam_beta1", "adam_beta2")},
+        "loss": {k: config.get(k) for k in ("temperature", "kd_weight", "teacher_top_k")},
+        "final_train": state.get("train", {}), "final_valid": state.get("valid", {}),
+        "layout": meta.get("layout"), "precision": config.get("precision"), "fp8": config.get("fp8"),
+        "seed": config.get("seed"), "m2d_version": meta.get("m2d_version"),
+    }
+
+
+def _blend(data) -> str:
+    if isinstance(data, dict):
+        data = [x for pair in zip(data.get("weights", []), data.get("prefixes", [])) for x in pair] or \
+            data.get("prefixes", [])
+    if not isinstance(data, list):
+        return f"`{data}`"
+    if len(data) >= 2 and all(isinstance(w, (int, float)) for w in data[::2]):
+        return ", ".join(f"`{p}` (weight {w:g})" for w, p in zip(data[::2], data[1::2]))
+    return ", ".join(f"`{p}`" for p in data)
+
+
+def _loss_text(values: dict) -> str:
+    parts = [f"{name} {values[key]:.4f}" for key, name in (("kd_loss", "KD (forward KL)"), ("lm_loss", "LM"))
+             if isinstance(values.get(key), (int, float))]
+    return ", ".join(parts) or "not recorded"
+
+
+def distillation_section(record: dict) -> str:
+    """The card's distillation record, as prose and a table (never Python reprs)."""
+    s, loss, layout = record["schedule"], record["loss"], record.get("layout") or {}
+    top_k = loss.get("teacher_top_k") or "as trained"
+    tokens = f"{record['tokens']:,}" if isinstance(record.get("tokens"), int) else "unknown"
+    return f"""
+## Distillation (megatron_m2d {record.get('m2d_version') or __version__}, Megatron-Core backend)
+
+Distilled from the teacher `{record['teacher']}` by forward KL on logits:
+loss = {loss.get('kd_weight')} x T^2 KL + {1 - (loss.get('kd_weight') or 0):g} x LM cross-entropy, with T = {loss.get('temperature')}
+and {top_k} teacher experts per token.
+
+| | |
+|---|---|
+| data blend | {_blend(record.get('data'))} (split {record.get('split')}) |
+| tokens | {tokens} ({record.get('steps')} step{'' if record.get('steps') == 1 else 's'} of {record.get('global_batch')} x {record.get('seq_len')} tokens) |
+| schedule | {s.get('schedule')}: lr {s.get('lr')} -> {s.get('min_lr')}, warmup {s.get('warmup')}, decay {s.get('decay')}, weight decay {s.get('weight_decay')}, clip {s.get('clip_grad')}, AdamW betas ({s.get('adam_beta1')}, {s.get('adam_beta2')}) |
+| precision | {record.get('precision')}{' + FP8 ' + str(record['fp8']) if record.get('fp8') else ''} |
+| layout | TP {layout.get('tp')} x PP {layout.get('pp')} x DP {layout.get('dp')} |
+| final train loss | {_loss_text(record.get('final_train') or {})} |
+| final validation loss | {_loss_text(record.get('final_valid') or {})} |
+| seed | {record.get('seed')} |
+"""
+
+
+def model_card(checkpoint: Path, record: dict) -> str:
+    """The densify card (its "not distilled yet" note dropped) followed by the distillation record."""
+    densify_card = checkpoint / RECORD_DIR / "README.md"
+    if densify_card.is_file():
+        card = re.sub(NOT_DISTILLED, "", densify_card.read_text()).rstrip() + "\n"
+    else:
+        card = ("---\nlibrary_name: transformers\npipeline_tag: text-generation\ntags: [megatron_m2d, distillation]"
+                "\n---\n# Distilled dense student\n\nThe student's densify record was not available when the "
+                "checkpoint was saved.\n")
+    return card + distillation_section(record)
+
+
+def export_student(checkpoint_dir: str | Path, out_dir: str | Path, record: dict | None = None,
+                   overwrite: bool = False, progress: bool = True) -> Path:
+    """HF directory of the student in a training checkpoint (weights, config, tokenizer files, model card,
+    densify plan). `record` entries override those read from the checkpoint. One process; reads one decoder
+    layer at a time."""
+    from megatron_m2d.convert.checkpoint import megatron_to_hf_checkpoint
+
+    checkpoint = Path(checkpoint_dir)
+    if not is_training_checkpoint(checkpoint):
+        raise M2DError(f"{checkpoint} is not a distillation checkpoint (no {STATE_FILE})")
+    card_record = {**distillation_record(checkpoint), **(record or {})}
+
+    def write_card(directory: Path) -> None:
+        (directory / "README.md").write_text(model_card(checkpoint, card_record))
+        if (checkpoint / RECORD_DIR / PLAN_FILE).is_file():
+            shutil.copy2(checkpoint / RECORD_DIR / PLAN_FILE, directory / PLAN_FILE)
+
+    return megatron_to_hf_checkpoint(checkpoint, out_dir, overwrite=overwrite, progress=progress,
+                                     write_card=write_card)
+
+
+def export_after_training(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
+    """Rank 0 at the end of a run: `m2d convert megatron-to-hf` in a fresh process. The export builds the model
+    at TP1/PP1 to learn its keys, which the training's parallel state (initialised for the run's layout on every
+    rank) cannot give in this process without all ranks re-initialising it."""
+    from megatron_m2d.distillation.megatron.inputs import run_m2d
+
+    run_m2d(["convert", "megatron-to-hf", "--model", str(checkpoint_dir), "--out", str(out_dir), "--overwrite"],
+            f"exporting {checkpoint_dir}")
+    return Path(out_dir)
