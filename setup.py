@@ -19,12 +19,14 @@ setup(
     extras_require={
         # The Megatron path (conversion, distillation at scale). The offline tool never imports these.
         # sentencepiece + protobuf: transformers converts a tokenizer.model-only tokenizer (Llama-2, Mixtral) with them
-        "megatron": ["megatron-core>=0.16.1", "nvidia-modelopt>=0.47", "requests", "sentencepiece", "protobuf"],
+        # tensorboard: the distillation run's event files (torch.utils.tensorboard writes them through it)
+        "megatron": ["megatron-core>=0.16.1", "nvidia-modelopt>=0.47", "requests", "sentencepiece", "protobuf",
+                     "tensorboard"],
         "eval": ["lm-eval>=0.4", "datasets", "accelerate"],
         # the tests exercise the lm-eval integration and the Megatron-Core conversion (CPU, gloo) too
         # mistral-common ships Mixtral's real sentencepiece model (the preprocessing tests read it offline)
         "dev": ["pytest>=8", "pytest-timeout", "lm-eval>=0.4", "datasets", "accelerate", "megatron-core>=0.16.1",
-                "sentencepiece", "protobuf", "mistral-common", "hypothesis"],
+                "sentencepiece", "protobuf", "mistral-common", "hypothesis", "tensorboard"],
     },
     entry_points={"console_scripts": ["m2d=megatron_m2d.cli:main"]},
 )
