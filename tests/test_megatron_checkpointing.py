@@ -13,6 +13,7 @@ import random
 import signal
 import subprocess
 import sys
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -236,3 +237,12 @@ def test_tensor_parallel_checkpoint_resumes_at_tp1(megatron_cpu, tmp_path, capfd
             value = torch.cat([value[:half // 2], value[half:half + half // 2]])
         piece = value[tuple(slice(0, n) for n in shard.shape)]
         assert torch.allclose(piece, shard, atol=1e-4, rtol=0), name
+
+
+def test_train_state_keeps_a_window_of_recent_losses():
+    state = TrainState()
+    for step in range(1, 151):
+        state.record_train({"kd_loss": float(step), "lm_loss": 1.0, "grad_norm": 0.1})
+    assert state.train["kd_loss"] == 150.0 and len(state.recent["kd_loss"]) == checkpointing.RECENT_STEPS
+    assert state.recent_mean("kd_loss") == sum(range(51, 151)) / 100 and state.recent_mean("loss") is None
+    assert TrainState.from_json(json.loads(json.dumps(asdict(state)))) == state

@@ -37,8 +37,9 @@ def test_exported_student_loads_in_transformers_with_the_megatron_logits(megatro
     student = hf_to_megatron_checkpoint(dense, tmp_path / "student", progress=False)
     run = TinyTraining(student, seed=0)
     run.step()
-    state = TrainState(step=1, consumed_train_samples=4, tokens=64, train={"kd_loss": 1.2345, "lm_loss": 3.5},
-                       valid={"kd_loss": 1.5, "lm_loss": 3.75})
+    state = TrainState(step=1, consumed_train_samples=4, tokens=64, valid={"kd_loss": 1.5, "lm_loss": 3.75})
+    state.record_train({"kd_loss": 1.0, "lm_loss": 3.0, "lr": 1e-3})
+    state.record_train({"kd_loss": 1.469, "lm_loss": 4.0, "lr": 1e-3})  # the card states the mean of the window
     ckpt = checkpointing.save_checkpoint(tmp_path / "ckpt", 1, [run.ddp], run.optimizer, run.scheduler, state,
                                          DistillSettings(), student)
 
@@ -58,7 +59,8 @@ def test_exported_student_loads_in_transformers_with_the_megatron_logits(megatro
     assert card.startswith("---\n") and "Not distilled yet" not in card
     assert "Kept experts per MoE layer" in card  # the densify record
     for text in ("## Distillation", "`Qwen/Qwen3-30B-A3B`", "`web` (weight 0.7), `code` (weight 0.3)", "| tokens | 64",
-                 "KD (forward KL) 1.2345", "KD (forward KL) 1.5000", "wsd: lr 0.001 -> 1e-05", "T = 2.0"):
+                 "final train loss (mean of the last 2 steps) | KD (forward KL) 1.2345, LM 3.5000",
+                 "KD (forward KL) 1.5000", "wsd: lr 0.001 -> 1e-05", "T = 2.0"):
         assert text in card, text
     assert filecmp.cmp(out / "m2d_plan.json", dense / "m2d_plan.json", shallow=False)
 

@@ -42,6 +42,7 @@ COMMON_FILE, COMMON_OBJECT = "common.pt", "common_state/shard_0_1"  # megatron-c
 # load, no gathering; reshardable over data parallel only), no per-optimizer key prefix.
 SHARDING = {"distrib_optim_sharding_type": "dp_reshardable", "chained_optim_avoid_prefix": True,
             "singleton_local_shards": False}
+RECENT_STEPS = 100  # train losses averaged for the model card's final value
 # Settings a resumed run may change without changing what the remaining steps compute
 RESUMABLE_CHANGES = {"steps", "save_every", "keep_checkpoints", "eval_every", "eval_iters", "log_every",
                      "tensorboard", "wandb_project", "out", "decay"}
@@ -53,9 +54,22 @@ class TrainState:
     consumed_train_samples: int = 0  # the data order continues from here (the sampler counts samples)
     consumed_valid_samples: int = 0
     tokens: int = 0  # training tokens seen
-    train: dict = field(default_factory=dict)  # last train metrics (kd_loss, lm_loss, ...): for the model card
+    train: dict = field(default_factory=dict)  # last train metrics (kd_loss, lm_loss, ...)
     valid: dict = field(default_factory=dict)  # last validation metrics
+    recent: dict = field(default_factory=dict)  # the last RECENT_STEPS values of each loss: the card's final loss
     extra: dict = field(default_factory=dict)  # anything else the loop keeps (JSON values)
+
+    def record_train(self, values: dict) -> None:
+        """The step's train metrics (call once per step): kept as `train`, and the losses in `recent`."""
+        self.train = dict(values)
+        for key in ("loss", "kd_loss", "lm_loss"):
+            if key in values:
+                self.recent[key] = (self.recent.get(key, []) + [float(values[key])])[-RECENT_STEPS:]
+
+    def recent_mean(self, key: str) -> float | None:
+        """Mean of the last (up to RECENT_STEPS) values of a train loss: one step's loss is one batch's noise."""
+        values = self.recent.get(key) or []
+        return sum(values) / len(values) if values else None
 
     @classmethod
     def from_json(cls, values: dict) -> "TrainState":

@@ -37,10 +37,21 @@ def distillation_record(checkpoint: str | Path) -> dict:
         "schedule": {k: config.get(k) for k in ("schedule", "lr", "min_lr", "warmup", "decay", "weight_decay",
                                                  "clip_grad", "adam_beta1", "adam_beta2")},
         "loss": {k: config.get(k) for k in ("temperature", "kd_weight", "teacher_top_k")},
-        "final_train": state.get("train", {}), "final_valid": state.get("valid", {}),
+        "final_train": _final_train(state), "final_valid": state.get("valid", {}),
         "layout": meta.get("layout"), "precision": config.get("precision"), "fp8": config.get("fp8"),
         "seed": config.get("seed"), "m2d_version": meta.get("m2d_version"),
     }
+
+
+def _final_train(state: dict) -> dict:
+    """Train losses as the mean of the last steps the checkpoint recorded (one step's loss is one batch's noise),
+    with how many steps that is; the last step's value where no window was kept."""
+    recent = state.get("recent") or {}
+    if not recent:
+        return dict(state.get("train") or {})
+    values = {key: sum(v) / len(v) for key, v in recent.items() if v}
+    values["steps_averaged"] = max(len(v) for v in recent.values())
+    return values
 
 
 def _blend(data) -> str:
@@ -58,6 +69,11 @@ def _loss_text(values: dict) -> str:
     parts = [f"{name} {values[key]:.4f}" for key, name in (("kd_loss", "KD (forward KL)"), ("lm_loss", "LM"))
              if isinstance(values.get(key), (int, float))]
     return ", ".join(parts) or "not recorded"
+
+
+def _averaged(values: dict) -> str:
+    steps = values.get("steps_averaged")
+    return f" (mean of the last {steps} steps)" if steps and steps > 1 else ""
 
 
 def distillation_section(record: dict) -> str:
@@ -79,7 +95,7 @@ and {top_k} teacher experts per token.
 | schedule | {s.get('schedule')}: lr {s.get('lr')} -> {s.get('min_lr')}, warmup {s.get('warmup')}, decay {s.get('decay')}, weight decay {s.get('weight_decay')}, clip {s.get('clip_grad')}, AdamW betas ({s.get('adam_beta1')}, {s.get('adam_beta2')}) |
 | precision | {record.get('precision')}{' + FP8 ' + str(record['fp8']) if record.get('fp8') else ''} |
 | layout | TP {layout.get('tp')} x PP {layout.get('pp')} x DP {layout.get('dp')} |
-| final train loss | {_loss_text(record.get('final_train') or {})} |
+| final train loss{_averaged(record.get('final_train') or {})} | {_loss_text(record.get('final_train') or {})} |
 | final validation loss | {_loss_text(record.get('final_valid') or {})} |
 | seed | {record.get('seed')} |
 """
