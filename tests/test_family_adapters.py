@@ -66,6 +66,23 @@ def test_deepseek_v3_routing_selects_with_the_correction_bias_and_weights_withou
     assert (routing.indices.sort(-1).values != plain).any()
 
 
+def test_deepseek_v2_group_limited_greedy_statistics_match_brute_force(tiny, text_dir, tmp_path):
+    """DeepSeek-V2's group_limited_greedy top-k (the top topk_group groups by their best expert, then top-k inside
+    them), streamed: the same selection and applied weights as the HF model's own forward, and a selection that
+    differs from plain greedy top-k on some tokens (the group limit acts)."""
+    teacher = tiny("deepseek_v2", topk_method="group_limited_greedy", n_group=4, topk_group=1)
+    reference = brute_force(teacher, text_dir)
+    stats = calibrate(teacher, str(text_dir), tmp_path / "stats", tokens=TOKENS, seq_len=SEQ, progress=False)
+    greedy = calibrate(tiny("deepseek_v2", name="plain", topk_method="greedy"), str(text_dir),
+                       tmp_path / "greedy-stats", tokens=TOKENS, seq_len=SEQ, progress=False)
+    for layer, ref in reference.items():
+        sums = stats.layer(layer).sums
+        assert torch.equal(sums["count"], ref["count"])
+        assert torch.allclose(sums["weight_sum"], ref["weight_sum"], atol=1e-5)
+        assert torch.allclose(sums["prob_selected_sum"], ref["prob_selected_sum"], atol=1e-5)
+        assert not torch.equal(sums["count"], greedy.layer(layer).sums["count"])
+
+
 def test_mxfp4_dequantisation_equals_transformers(tmp_path):
     """Every FP4 code and a range of exponents, on the same tensors: bitwise equal to transformers' own
     dequantisation (whole stacks and one expert's rows), in bfloat16 and float32."""

@@ -44,20 +44,9 @@ def config_kwargs(config) -> dict:
         window_attn_skip_freq=sliding if any(sliding) else None,
         bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
         num_moe_experts=config.num_local_experts, moe_router_topk=config.num_experts_per_tok,
-        moe_ffn_hidden_size=config.intermediate_size, moe_router_pre_softmax=_pre_softmax(config),
+        moe_ffn_hidden_size=config.intermediate_size, moe_router_pre_softmax=moe_mapping.router_pre_softmax(
+            MODEL_TYPE, True, config.num_experts_per_tok, config.num_local_experts),  # top-k, then softmax
         **moe_mapping.TEACHER_ROUTING)
-
-
-def _pre_softmax(config) -> bool:
-    """GPT-OSS: top-k on the logits, then softmax over the k selected (megatron-core's post-softmax). megatron-core
-    refuses post-softmax at top-1; with ONE expert (the densified student, families.md's one-expert rule) both
-    orders give the weight 1.0 exactly, so pre-softmax is the same model."""
-    if config.num_experts_per_tok != 1:
-        return False
-    if config.num_local_experts != 1:
-        raise M2DError(f"cannot convert GPT-OSS with top-1 routing over {config.num_local_experts} experts: "
-                       "megatron-core softmaxes over all experts before a top-1 choice (weight p_max, GPT-OSS's 1.0)")
-    return True
 
 
 def rotary(config) -> dict:

@@ -47,6 +47,22 @@ TEACHER_ROUTING = dict(moe_router_load_balancing_type="none", moe_aux_loss_coeff
                        moe_token_dispatcher_type="allgather")
 
 
+def router_pre_softmax(model_type: str, renormalizes: bool, top_k: int, experts: int) -> bool:
+    """megatron-core's `moe_router_pre_softmax`: softmax over all experts then top-k (a router that does not
+    renormalise), else top-k then softmax over the k (== renormalised softmax top-k, and GPT-OSS). megatron-core
+    refuses the latter at top-1, where a renormalising router's weight is always 1.0: with ONE expert (a
+    densified one-expert student) pre-softmax gives 1.0 as well; over several experts nothing in megatron-core
+    computes it."""
+    if not renormalizes:
+        return True
+    if top_k != 1:
+        return False
+    if experts != 1:
+        raise M2DError(f"cannot convert {model_type} with renormalised top-1 routing over {experts} experts: "
+                       "megatron-core softmaxes over all experts before a top-1 choice (weight p_max, not 1.0)")
+    return True
+
+
 def layer_freq(moe_layers, num_layers: int) -> int | list[int]:
     """megatron-core's moe_layer_freq: a list only when layers differ, since a list changes the checkpoint keys
     (per-layer instead of stacked)."""
@@ -59,7 +75,8 @@ def config_kwargs(config) -> dict:
     family, twin = check_supported(config)
     kwargs = dict(dense_mapping.config_kwargs(twin), num_moe_experts=family.num_experts(config),
                   moe_router_topk=family.top_k(config), moe_ffn_hidden_size=family.expert_width(config),
-                  moe_router_pre_softmax=not family.renormalizes(config),
+                  moe_router_pre_softmax=router_pre_softmax(config.model_type, family.renormalizes(config),
+                                                            family.top_k(config), family.num_experts(config)),
                   moe_layer_freq=layer_freq(family.moe_layers(config), config.num_hidden_layers), **TEACHER_ROUTING)
     if family.shared:
         kwargs.update(moe_shared_expert_intermediate_size=family.shared_width(config),

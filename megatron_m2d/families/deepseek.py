@@ -16,10 +16,6 @@ from megatron_m2d.errors import M2DError
 from megatron_m2d.families.base import Family
 from megatron_m2d.families.parts import SharedExpert, sigmoid_probs
 
-MOE_FIELDS = ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "n_shared_experts",
-              "routed_scaling_factor", "topk_method", "n_group", "topk_group", "norm_topk_prob")
-
-
 def moe_layers(config) -> list[int]:
     """transformers builds a MoE block in every layer from `first_k_dense_replace` on (no moe_layer_freq)."""
     if (getattr(config, "moe_layer_freq", 1) or 1) != 1:
@@ -29,6 +25,7 @@ def moe_layers(config) -> list[int]:
 
 
 def every_layer_dense(config) -> dict:
+    """The routed-expert fields stay (runtimes such as vLLM read them) but no layer builds a MoE block."""
     return {"first_k_dense_replace": config.num_hidden_layers}
 
 
@@ -44,7 +41,6 @@ DEEPSEEK_V2 = Family(
     renormalizes_of=lambda config: False,
     shared=SHARED,
     moe_layers_of=moe_layers,
-    moe_config_fields=MOE_FIELDS,
     all_dense=every_layer_dense,
 )
 
@@ -56,6 +52,5 @@ DEEPSEEK_V3 = Family(
     probabilities=sigmoid_probs,
     shared=SHARED,
     moe_layers_of=moe_layers,
-    moe_config_fields=MOE_FIELDS,
     all_dense=every_layer_dense,
 )

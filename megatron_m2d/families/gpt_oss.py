@@ -1,8 +1,10 @@
 """GPT-OSS: a router with bias (top-k on the logits, softmax over the k selected: always renormalised), experts fused
 on disk as [E, H, 2I] with gate/up columns interleaved and biased, clamped SwiGLU computed by the experts module's
 own `_apply_gate`, and a down bias. Attention sinks and sliding-window layers are copied as they are; the sinks
-need the eager attention (transformers' sdpa path does not take them). Hub checkpoints store the experts in MXFP4
-(`*_blocks`, `*_scales`): the checkpoint reader dequantises them one expert at a time (io/mxfp4.py).
+need the eager attention: transformers' sdpa path silently drops them and its flex path refuses them on CPU
+(eager holds a [batch, heads, seq, seq] score tensor per layer: lower --batch-size for long sequences). Hub
+checkpoints store the experts in MXFP4 (`*_blocks`, `*_scales`): the checkpoint reader dequantises them one
+expert at a time (io/mxfp4.py).
 
 transformers has no dense class with GPT-OSS's attention, so the student is a GPT-OSS with one expert of width k*I
 and top-1 routing (families.md): gate/up biases concatenate with their rows, the down bias is sum_g s_g b_g.

@@ -106,27 +106,40 @@ def write_sample_text(path: str | Path, documents: int = 8, repeat: int = 6) -> 
 
 
 def build_moe_on_disk(path: str | Path, model_type: str = "qwen3_moe", seed: int = 0, std: float = 0.02,
-                      **config_fields) -> Path:
+                      mxfp4: bool = False, **config_fields) -> Path:
     """A random MoE of any size written straight to disk, one shard per decoder layer, without ever holding
     the model in memory (for memory tests: the checkpoint may be larger than what the test allows itself).
-    Experts are stored per expert, as transformers saves them."""
+    Experts are stored as transformers saves them: per expert, or fused where the family keeps them fused on
+    disk (GPT-OSS), then with `mxfp4` as MXFP4 blocks and scales, as GPT-OSS is published."""
+    from megatron_m2d.families import FAMILIES
+
     path = Path(path)
     path.mkdir(parents=True)
     config = tiny_config(model_type, **config_fields)
+    family = FAMILIES[config.model_type]
+    moe_layers = set(family.moe_layers(config))
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     shapes: dict[str, tuple] = {}
     for name, tensor in skeleton.state_dict().items():
-        if name.endswith("mlp.experts.gate_up_proj"):
+        parts = name.split(".")
+        layer = int(parts[2]) if name.startswith("model.layers.") else None
+        if layer in moe_layers and parts[3] == "mlp":  # the MoE block under its on-disk name (Mixtral's)
+            name = family.block_key(layer, ".".join(parts[4:]))
+        if family.experts.fused_on_disk and mxfp4 and name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            experts, columns, rows = tensor.shape
+            shapes[name + "_blocks"], shapes[name + "_scales"] = (experts, rows, columns // 32, 16), \
+                (experts, rows, columns // 32)
+        elif family.experts.fused_on_disk or layer not in moe_layers or ".experts." not in name:
+            shapes[name] = tuple(tensor.shape)
+        elif name.endswith("experts.gate_up_proj"):
             experts, double_width, hidden = tensor.shape
             for e in range(experts):
-                for part in ("gate_proj", "up_proj"):
-                    shapes[name.replace("gate_up_proj", f"{e}.{part}.weight")] = (double_width // 2, hidden)
-        elif name.endswith("mlp.experts.down_proj"):
+                for template in (family.experts.gate, family.experts.up):
+                    shapes[family.block_key(layer, template.format(e=e))] = (double_width // 2, hidden)
+        elif name.endswith("experts.down_proj"):
             for e in range(tensor.shape[0]):
-                shapes[name.replace("down_proj", f"{e}.down_proj.weight")] = tuple(tensor.shape[1:])
-        else:
-            shapes[name] = tuple(tensor.shape)
+                shapes[family.block_key(layer, family.experts.down.format(e=e))] = tuple(tensor.shape[1:])
     generator = torch.Generator().manual_seed(seed)
     groups: dict[str, list[str]] = {}
     for name in shapes:
@@ -140,12 +153,17 @@ def build_moe_on_disk(path: str | Path, model_type: str = "qwen3_moe", seed: int
         for name in names:
             if name.endswith("norm.weight"):
                 tensors[name] = torch.ones(shapes[name])
+            elif name.endswith(("_blocks", "_scales")):  # FP4 codes; exponents near 2^-6
+                low, high = (0, 256) if name.endswith("_blocks") else (118, 124)
+                tensors[name] = torch.randint(low, high, shapes[name], generator=generator, dtype=torch.uint8)
             else:
                 tensors[name] = torch.randn(shapes[name], generator=generator) * (0.5 if name.endswith("gate.weight") else std)
         save_file(tensors, path / shard, metadata={"format": "pt"})
         weight_map.update({name: shard for name in names})
         del tensors
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    if mxfp4:
+        config.quantization_config = {"quant_method": "mxfp4"}
     config.save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
     return path
