@@ -135,3 +135,23 @@ def test_d2d_width_matched_to_a_students_parameter_count(tmp_path):
     fixture_dense = AutoConfig.from_pretrained(Path(FIXTURE_MOE).parent / "fixture-dense")
     student = student_of(AutoConfig.from_pretrained(FIXTURE_MOE), 2)
     assert matched_width(fixture_dense, parameter_count(student)) == student.intermediate_size == 256
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss"])
+def test_sweep_rewrites_each_family_student_as_densify_writes_it(family, tiny, text_dir, tmp_path):
+    """The sweep overwrites the loaded student's FFNs in place: DeepSeek's zero-padded dense FFN, GPT-OSS's one
+    expert in its fused interleaved layout with biases. Each configuration's perplexity equals that of the
+    checkpoint densify writes for it."""
+    from megatron_m2d.data.text import token_stream
+    from megatron_m2d.evaluation.perplexity import load_model, stream_perplexity
+
+    model = tiny(family, layers=3)
+    stats = calibrate(model, str(text_dir), tmp_path / "stats", tokens=512, seq_len=64, gram=True, progress=False)
+    rows = sweep(model, tmp_path / "sweep", scorings=["reap", "selection_freq"], groupings=["weight_cluster"],
+                 scalings=["proportional"], selects=[4], stats=stats.path, eval_data=str(text_dir),
+                 eval_tokens=512, seq_len=64, save_checkpoints=True, progress=False)
+    assert len({round(r["ppl"], 6) for r in rows}) == 2  # the configurations differ, and each is rewritten
+    for row in rows:
+        student, tokenizer = load_model(tmp_path / "sweep" / "checkpoints" / row["key"].replace("|", "_"))
+        tokens = token_stream(tokenizer, str(text_dir), 512, role="eval")
+        assert stream_perplexity(student, tokens, seq_len=64)["ppl"] == pytest.approx(row["ppl"], rel=1e-5)

@@ -155,6 +155,7 @@ def sweep(model: str | Path, out: str | Path, scorings=tuple(SCORINGS), grouping
             row.update(ppl=score["ppl"], nll=score["nll"], seconds=round(time.perf_counter() - tick, 3))
             computed[effective] = config.key
             if save_checkpoints:
+                (out / "checkpoints").mkdir(exist_ok=True)
                 densify(model, out / "checkpoints" / config.key.replace("|", "_"), config.scoring,
                         select=config.select, groups=groups, stats=stats, overwrite=True, progress=False,
                         grouping=config.grouping, scaling=config.scaling, kernel=kernel, seed=seed, cp=cp)
