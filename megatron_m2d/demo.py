@@ -17,8 +17,9 @@ from megatron_m2d.baselines.random_ffn import random_ffn
 from megatron_m2d.calibration.run import calibrate
 from megatron_m2d.densification.run import densify
 from megatron_m2d.distillation.hf import DistillConfig, distill
-from megatron_m2d.evaluation.perplexity import perplexity_of_dir
+from megatron_m2d.evaluation.perplexity import as_evaluation, perplexity_of_dir
 from megatron_m2d.io.checkpoint import Checkpoint
+from megatron_m2d.io.model_card import add_evaluation, read_card, write_card
 from megatron_m2d.io.plots import figure, log_ppl_axis
 from megatron_m2d.io.writer import check_output_path
 from megatron_m2d.sweep.run import sweep
@@ -58,7 +59,13 @@ def run_demo(out: str | Path = "m2d-demo", quick: bool = False, overwrite: bool 
         check_output_path(out, overwrite)
     out.mkdir(exist_ok=True)
     started = time.perf_counter()
-    ppl = lambda model: perplexity_of_dir(model, "fixture", seq_len=s["seq_len"], max_tokens=s["eval_tokens"])["ppl"]
+
+    def ppl(model: Path) -> float:
+        """Held-out perplexity; recorded in the model's card when the demo wrote that model (never the fixture)."""
+        result = perplexity_of_dir(model, "fixture", seq_len=s["seq_len"], max_tokens=s["eval_tokens"])
+        if Path(model).resolve().is_relative_to(out.resolve()):
+            write_card(model, add_evaluation(read_card(model), [as_evaluation(result, "fixture", s["seq_len"])]))
+        return result["ppl"]
 
     print("1/5 calibrate the fixture MoE on Macbeth")
     stats = out / "stats"
@@ -95,11 +102,19 @@ def run_demo(out: str | Path = "m2d-demo", quick: bool = False, overwrite: bool 
 
 
 def plot(path: Path, rows: list[dict], tokens: int) -> None:
+    """Each student's perplexity before (hollow) and after (filled) distillation, joined by a line, on a log axis
+    with the teacher as a reference: points, not bars, since a bar on a log axis has no meaningful base."""
     students_ = rows[1:]
-    with figure(path, (8, 4.5)) as (fig, ax):
-        xs = range(len(students_))
-        ax.bar([x - 0.2 for x in xs], [r["before"] for r in students_], 0.4, label="before distillation")
-        ax.bar([x + 0.2 for x in xs], [r["after"] for r in students_], 0.4, label=f"after ({tokens:,} tokens)")
-        ax.axhline(rows[0]["before"], color="black", linestyle="--", linewidth=1, label="teacher (MoE)")
-        ax.set_xticks(list(xs), [r["model"] for r in students_], rotation=15, fontsize=8)
-        log_ppl_axis(ax)
+    title = f"Held-out perplexity on Julius Caesar, before and after distillation ({tokens:,} tokens each)"
+    with figure(path, title, (8, 0.5 * len(students_) + 2)) as (fig, ax):
+        ys = list(range(len(students_)))[::-1]  # the table's order, top to bottom
+        for y, row in zip(ys, students_):
+            ax.plot([row["before"], row["after"]], [y, y], color="grey", linewidth=1, zorder=1)
+        ax.scatter([r["before"] for r in students_], ys, facecolors="none", edgecolors="C0", zorder=2,
+                   label="before distillation")
+        ax.scatter([r["after"] for r in students_], ys, color="C1", zorder=2, label="after distillation")
+        ax.axvline(rows[0]["before"], color="black", linestyle="--", linewidth=1,
+                   label=f"teacher (MoE) {rows[0]['before']:.2f}")
+        ax.set_yticks(ys, [r["model"] for r in students_], fontsize=9)
+        ax.set_ylim(-0.6, len(students_) - 0.4)
+        log_ppl_axis(ax, "held-out perplexity (log scale)", axis="x")

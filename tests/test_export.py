@@ -48,7 +48,9 @@ def test_export_is_a_complete_hf_directory(family, tiny, text_dir, tmp_path):
     ids = tokenizer("Fair is foul", return_tensors="pt").input_ids
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
     card = (out / "README.md").read_text()
-    assert "gld_reap" in card and str(teacher) in card and "512 tokens" in card
+    # the teacher by name, never by the absolute path it had on the writer's machine
+    assert "gld_reap" in card and f"base_model: {teacher.name}" in card and str(teacher) not in card
+    assert "512 tokens" in card
     plan = json.loads((out / "m2d_plan.json").read_text())
     assert plan["method"]["grouping"] == "dominant_expert" and plan["calibration"]["tokens"] == 512
     assert not list(tmp_path.glob(".dense*"))  # no temporary sibling left

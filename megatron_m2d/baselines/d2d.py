@@ -24,6 +24,7 @@ from megatron_m2d.errors import M2DError
 from megatron_m2d.families import FAMILIES
 from megatron_m2d.families.base import LAYERS
 from megatron_m2d.io.checkpoint import Checkpoint, load_tokenizer
+from megatron_m2d.io.model_card import new_card, public_name, table, write_card
 from megatron_m2d.io.writer import ShardedWriter, atomic_directory, check_output_path, copy_side_files, write_json
 
 FFN = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
@@ -126,14 +127,25 @@ def d2d(model: str | Path, data: str, out: str | Path, width: int, tokens: int =
         target.save_pretrained(tmp)
         copy_side_files(ckpt.path, tmp)
         write_json(tmp / "m2d_d2d.json", {
-            "teacher": str(Path(model).resolve()), "data": data, "tokens": int(blocks.numel()), "width": width,
-            "teacher_width": full, "importance": importance, "importance_rule": IMPORTANCE_RULES[importance],
+            "teacher": public_name(model), "teacher_path": str(Path(model).resolve()), "data": data,
+            "tokens": int(blocks.numel()), "width": width, "teacher_width": full,
+            "importance": importance, "importance_rule": IMPORTANCE_RULES[importance],
             "kept": {str(k): v.tolist() for k, v in kept.items()}})
-        (tmp / "README.md").write_text(
-            f"# D2D baseline of `{model}`\n\nDense-to-dense width pruning (megatron_m2d `m2d d2d`): every FFN "
-            f"keeps its {width} of {full} neurons with the largest activation importance, "
-            f"{IMPORTANCE_RULES[importance]}, over {blocks.numel()} tokens of `{data}`. Attention, embeddings "
-            "and norms are the teacher's. Not distilled yet.\n")
+        method = {"importance of an FFN neuron": f"`{importance}`: {IMPORTANCE_RULES[importance]}",
+                  "neurons kept per layer": f"{width} of {full}, in their original order",
+                  "calibration": f"{blocks.numel():,} tokens of `{public_name(data)}`, sequences of {seq_len}, "
+                                 f"seed {seed}"}
+        write_card(tmp, new_card(
+            teacher=model, teacher_dir=model, model_dir=tmp, name=out.name,
+            title=f"D2D baseline of {public_name(model)}",
+            summary=(f"The dense-to-dense (D2D) baseline: the dense model `{public_name(model)}` with every FFN "
+                     f"pruned from {full} to its {width} most important neurons by activation importance. "
+                     "Attention, embeddings and norms are the teacher's. It is the width-pruning "
+                     "baseline a densified MoE student of the same FFN width is compared with."),
+            facts={"class": f"`{config.architectures[0]}`" if config.architectures else config.model_type,
+                   "FFN width": width, "teacher": f"`{public_name(model)}`",
+                   "size": f"{writer.total_bytes / 1e6:,.1f} MB"},
+            made=[("How it was made", table(method, ("method", "setting")))], tags=["pruning", "baseline"]))
     if progress:
         print(f"pruned FFN width {full} -> {width} -> {out}")
     return out

@@ -12,6 +12,7 @@ from megatron_m2d.errors import M2DError
 from megatron_m2d.families import family_of
 from megatron_m2d.families.base import ExpertWeights
 from megatron_m2d.io.checkpoint import Checkpoint
+from megatron_m2d.io.model_card import new_card, public_name, table, write_card
 from megatron_m2d.io.writer import atomic_directory, check_output_path, write_json
 
 
@@ -37,11 +38,20 @@ def random_ffn(model: str | Path, out: str | Path, groups: int | None = None, se
         info = write_student(ckpt, family, groups, fresh, tmp, progress)
         write_json(tmp / "m2d_plan.json", {"method": {"baseline": "random_ffn", "groups": groups, "seed": seed,
                                                       "std": std}, "student": info,
-                                           "teacher": {"path": str(Path(model).resolve())}})
-        (tmp / "README.md").write_text(
-            f"# Random-FFN baseline of `{model}`\n\nThe teacher's attention, embeddings and norms with a freshly "
-            f"initialised dense FFN of width {width} (N(0, {std}^2), seed {seed}), as `{info['architecture']}`. "
-            "The lower bound of what distillation alone recovers. Not distilled yet.\n")
+                                           "teacher": {"name": public_name(model), "path": str(Path(model).resolve())}})
+        method = {"FFN": f"drawn from N(0, {std:g}^2) (the teacher's initializer_range), seed {seed}",
+                  "FFN width": f"{width} = {groups} experts, as `m2d densify --groups {groups}` writes",
+                  "attention, embeddings, norms": "the teacher's, unchanged"}
+        write_card(tmp, new_card(
+            teacher=model, teacher_dir=model, model_dir=tmp, name=out.name,
+            title=f"Random-FFN baseline of {public_name(model)}",
+            summary=(f"The random-FFN baseline: the attention, embeddings and norms of the Mixture-of-Experts "
+                     f"`{public_name(model)}` with a freshly initialised dense FFN of width {width}, as "
+                     f"`{info['architecture']}`: the same class and width as a densified student, so it measures "
+                     "what distillation alone recovers without the experts' weights."),
+            facts={"class": f"`{info['architecture']}`", "FFN width": width, "teacher": f"`{public_name(model)}`",
+                   "size": f"{info['bytes'] / 1e6:,.1f} MB"},
+            made=[("How it was made", table(method, ("method", "setting")))], tags=["moe-to-dense", "baseline"]))
     if progress:
         print(f"wrote {info['architecture']} with a random FFN of width {width} -> {out}")
     return out

@@ -51,12 +51,12 @@ def plot_scores(stats: Statistics, path: str | Path, score: str = "selection_fre
     matrix = torch.stack([getattr(stats.layer(i), score) for i in stats.moe_layers]).float().numpy()
     height = max(2.5, 0.3 * len(stats.moe_layers) + 1.5)
     path = Path(path)
-    with figure(path, (min(16, 4 + 0.12 * matrix.shape[1]), height)) as (fig, ax):
+    title = f"{score} per expert ({stats.meta.get('model_type')}, {stats.meta.get('tokens')} tokens)"
+    with figure(path, title, (min(16, 4 + 0.12 * matrix.shape[1]), height)) as (fig, ax):
         image = ax.imshow(matrix, aspect="auto", cmap="viridis", interpolation="nearest")
         ax.set_xlabel("expert")
         ax.set_ylabel("MoE layer")
         ax.set_yticks(range(len(stats.moe_layers)), [str(i) for i in stats.moe_layers])
-        ax.set_title(f"{score} per expert ({stats.meta.get('model_type')}, {stats.meta.get('tokens')} tokens)")
         fig.colorbar(image, ax=ax, label=score)
     return path
 

@@ -26,7 +26,7 @@ from megatron_m2d.data.text import token_blocks
 from megatron_m2d.errors import M2DError
 from megatron_m2d.families import family_of
 from megatron_m2d.io.checkpoint import Checkpoint, load_tokenizer
-from megatron_m2d.io.writer import check_output_path, write_json
+from megatron_m2d.io.writer import check_output_path, ordinary_permissions, write_json
 
 HIDDEN = "hidden.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -103,6 +103,7 @@ def calibrate(model: str | Path, data: str, out: str | Path, tokens: int = 65536
     write_json(work / META, {**run, "complete": True, "seconds": round(elapsed, 2)})
     if out.exists():
         shutil.rmtree(out)
+    ordinary_permissions(work)
     os.replace(work, out)
     if progress:
         layers_done = config.num_hidden_layers - start_layer

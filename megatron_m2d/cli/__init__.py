@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from megatron_m2d import __version__
+from megatron_m2d.cli.common import Parser, quiet_libraries
 from megatron_m2d.errors import M2DError
 
 # in the order `m2d --help` lists them: the pipeline, then the tools around it
@@ -18,7 +19,7 @@ COMMAND_MODULES = ("calibrate", "densify", "baselines", "evaluate", "preprocess"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="m2d", description="Turn a HF Mixture-of-Experts LM into a dense LM.")
+    parser = Parser(prog="m2d", description="Turn a HF Mixture-of-Experts LM into a dense LM.")
     parser.add_argument("--version", action="version", version=f"megatron_m2d {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
@@ -31,6 +32,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
     args = build_parser().parse_args(argv)
     try:
         run(args)

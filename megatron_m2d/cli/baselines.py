@@ -16,18 +16,18 @@ def register(commands) -> None:
     p.add_argument("--importance", default="minitron", choices=["minitron", "mean"],
                    help="neuron importance: per-sequence mean |activation|, then L2 over sequences (Minitron, "
                         "modelopt's mcore_minitron; default), or the mean over all tokens")
-    calibration_flags(p, data_required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    calibration_flags(p, data_required=True, gram=False)  # d2d runs the dense FFNs, there are no experts to pair
+    p.add_argument("--seed", type=int, default=0, help="shuffles the calibration documents")
+    p.add_argument("--out", required=True, help="dense HF checkpoint directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(handler=run_d2d)
 
     p = commands.add_parser("random-ffn", help="baseline: teacher attention with a freshly initialised dense FFN")
     p.add_argument("--model", required=True, help="HF MoE teacher")
-    p.add_argument("--groups", type=int, help="width in experts, as densify's k (default: top-k)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--groups", type=int, help="width in experts, as densify's k (default: the model's top-k)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the FFN's initialisation")
+    p.add_argument("--out", required=True, help="dense HF checkpoint directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(handler=run_random_ffn)
 
 

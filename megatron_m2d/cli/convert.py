@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
+from megatron_m2d.cli.common import is_main_process
 from megatron_m2d.errors import M2DError
 
 
 def register(commands) -> None:
     p = commands.add_parser("convert", help="HF <-> Megatron-Core distributed checkpoint (needs megatron-core)")
-    p.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
+    p.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"], help="which way to convert")
     p.add_argument("--model", required=True, help="HF directory (hf-to-megatron), or a Megatron checkpoint: "
                    "converted, saved by Megatron training, or a distillation checkpoint (step_N: its model card "
                    "adds the distillation record)")
@@ -17,11 +16,12 @@ def register(commands) -> None:
         p.add_argument(flag, type=int, default=1, help=f"target {what} parallel size (checked against the model; "
                        "one process writes a checkpoint that loads at any size, torchrun with tp*pp*ep ranks "
                        "writes this layout)")
-    p.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per pipeline rank")
+    p.add_argument("--vpp", type=int, default=None,
+                   help="virtual pipeline stages per pipeline rank (default: none, one stage per rank)")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="pad the Megatron vocabulary to a multiple of this (must be divisible by --tp)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--out", required=True, help="directory to write: a torch_dist checkpoint, or a HF checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(handler=run_convert)
 
 
@@ -53,5 +53,5 @@ def run_convert(args) -> None:
             out = export.export_student(args.model, args.out, overwrite=args.overwrite)
         else:
             out = checkpoint.megatron_to_hf_checkpoint(args.model, args.out, args.overwrite)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank converts its shard; one reports
+    if is_main_process():  # under torchrun every rank converts its shard; one reports
         print(f"{args.direction}: {args.model} -> {out}")

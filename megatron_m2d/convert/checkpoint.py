@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import socket
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -31,6 +32,7 @@ from megatron_m2d.convert.parallel import ParallelSizes
 from megatron_m2d.convert.provider import META, ProviderConfig, read_provider_config
 from megatron_m2d.errors import M2DError
 from megatron_m2d.io.checkpoint import Checkpoint
+from megatron_m2d.io import model_card as cards
 from megatron_m2d.io.writer import ShardedWriter, atomic_directory, check_output_path, copy_side_files, write_json
 
 SIDE_FILES_DIR = "hf_side_files"
@@ -183,6 +185,9 @@ def hf_to_megatron_checkpoint(model: str | Path, out: str | Path, parallel: Para
                                                    written_layout=vars(layout)))
             (tmp / SIDE_FILES_DIR).mkdir()
             copy_side_files(ckpt.path, tmp / SIDE_FILES_DIR)
+            for record in (cards.CARD, "m2d_plan.json"):  # the card and plan travel on to the exported HF model
+                if (ckpt.path / record).is_file():
+                    shutil.copy2(ckpt.path / record, tmp / SIDE_FILES_DIR / record)
     return out
 
 
@@ -230,18 +235,26 @@ def megatron_to_hf_checkpoint(checkpoint: str | Path, out: str | Path, overwrite
         side = checkpoint / SIDE_FILES_DIR
         if side.is_dir():
             copy_side_files(side, tmp)
+        if (side / "m2d_plan.json").is_file():
+            shutil.copy2(side / "m2d_plan.json", tmp / "m2d_plan.json")
         if write_card is not None:
             write_card(tmp)
         else:
-            _write_export_card(tmp, checkpoint, provider)
+            _write_export_card(tmp, Path(out).name, checkpoint, provider)
     return out
 
 
-def _write_export_card(directory: Path, checkpoint: Path, provider: ProviderConfig) -> None:
-    (directory / "README.md").write_text(
-        f"---\nlibrary_name: transformers\ntags: [megatron_m2d]\n---\n# {provider.hf_config.model_type} "
-        f"exported from Megatron-Core\n\nExported by megatron_m2d {__version__} (`m2d convert megatron-to-hf`) "
-        f"from the Megatron-Core distributed checkpoint `{checkpoint.resolve()}`, whose provider config targets "
-        f"TP {provider.parallel.tp} / PP {provider.parallel.pp} / EP {provider.parallel.ep}. Weights are "
-        f"{str(provider.dtype).removeprefix('torch.')}; the padded vocabulary ({provider.vocab_rows} rows) was "
-        f"cut back to {provider.hf_config.vocab_size}.\n")
+def _write_export_card(directory: Path, name: str, checkpoint: Path, provider: ProviderConfig) -> None:
+    """The card of the HF model the checkpoint was converted from (kept in its side files) with the conversion
+    recorded and the dtype read back from the exported files; a plain card when there was none."""
+    note = (f"This model was exported from Megatron-Core by megatron_m2d {__version__} (`m2d convert "
+            f"megatron-to-hf`): the `torch_dist` checkpoint `{cards.public_name(checkpoint)}`, whose provider "
+            f"config targets TP {provider.parallel.tp} / PP {provider.parallel.pp} / EP {provider.parallel.ep}; the "
+            f"padded vocabulary ({provider.vocab_rows} rows) was cut back to {provider.hf_config.vocab_size}.")
+    card = cards.read_card(checkpoint / SIDE_FILES_DIR)
+    if card is None:
+        card = cards.new_card(teacher=None, teacher_dir=None, model_dir=directory, name=name,
+                              title=f"{provider.hf_config.model_type} exported from Megatron-Core", summary=note,
+                              facts={"class": f"`{(provider.hf_config.architectures or ['?'])[0]}`"}, made=[])
+    card = cards.set_fact(cards.add_section(card, "Conversion", note), "weights", cards.weights_dtype(directory))
+    cards.write_card(directory, card)

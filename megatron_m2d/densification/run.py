@@ -9,12 +9,14 @@ from pathlib import Path
 from megatron_m2d import __version__
 from megatron_m2d.calibration.run import calibrate
 from megatron_m2d.calibration.store import Statistics, model_fingerprint
+from megatron_m2d.densification.card import densify_card
 from megatron_m2d.densification.export import write_dense
 from megatron_m2d.densification.grouping import GroupingFeatures
 from megatron_m2d.densification.plan import LayerPlan, Method, expert_weight_loader, plan_layer
 from megatron_m2d.errors import M2DError
 from megatron_m2d.families import family_of
 from megatron_m2d.io.checkpoint import Checkpoint
+from megatron_m2d.io.model_card import public_name, write_card
 from megatron_m2d.io.writer import DEFAULT_SHARD_BYTES, atomic_directory, check_output_path, write_json
 
 PLAN_FILE = "m2d_plan.json"
@@ -92,7 +94,8 @@ def densify(model: str | Path, out: str | Path, scoring: str, select: int | None
         plan = {
             "m2d_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "teacher": {"path": str(Path(model).resolve()), "model_type": ckpt.config.model_type,
+            "teacher": {"name": public_name(model), "path": str(Path(model).resolve()),
+                        "model_type": ckpt.config.model_type,
                         "num_experts": family.num_experts(ckpt.config), "top_k": top_k,
                         "expert_width": family.expert_width(ckpt.config), "fingerprint": fingerprint},
             "calibration": {key: statistics.meta.get(key) for key in ("data", "tokens", "seq_len", "seed", "gram")},
@@ -101,47 +104,8 @@ def densify(model: str | Path, out: str | Path, scoring: str, select: int | None
             "layers": {str(layer): p.to_json() for layer, p in plans.items()},
         }
         write_json(tmp / PLAN_FILE, plan)
-        (tmp / "README.md").write_text(model_card(plan))
+        write_card(tmp, densify_card(plan, tmp, out.name, Path(model)))
     if progress:
         print(f"wrote {export['architecture']} (FFN width {export['width']}, {export['bytes'] / 1e6:.1f} MB) -> {out}")
     return DensifyResult(out, plan)
 
-
-def model_card(plan: dict) -> str:
-    teacher, method, student, calib = plan["teacher"], plan["method"], plan["student"], plan["calibration"]
-    layout_note = {
-        "dense": f"a standard `{student['architecture']}`: every runtime that serves that class serves this model.",
-        "one_expert": (f"`{student['architecture']}` with ONE expert of width {student['width']} and top-1 routing "
-                       "(its softmax weight is exactly 1.0), because transformers has no dense class with this "
-                       "family's attention and norms; compute is dense."),
-    }[student["layout"]]
-    rows = "\n".join(
-        f"| {layer} | {p['selected']} | {p['groups']} | {[round(s, 4) for s in p['scales']]} |"
-        for layer, p in plan["layers"].items())
-    return f"""---
-library_name: transformers
-tags: [megatron_m2d, moe-to-dense, pruning]
----
-# Dense student of `{teacher['path']}`
-
-Made by megatron_m2d {plan['m2d_version']} on {plan['created']} from a {teacher['model_type']} MoE
-({teacher['num_experts']} experts, top-{teacher['top_k']}, expert width {teacher['expert_width']}).
-
-The model is {layout_note}
-
-## How it was made
-- Calibration: {calib['tokens']} tokens of `{calib['data']}` (sequence length {calib['seq_len']}, seed {calib['seed']},
-  all-token Gram: {calib['gram']}).
-- Scoring `{method['scoring']}` (conditional probability: `{method['cp']}`), K = {method['select']} experts kept per layer, grouped into k = {method['groups']}
-  groups by `{method['grouping']}`, merged by `{method['merge']}`, down projections scaled `{method['scaling']}`.
-- D-optimal kernel (gram_logdet / gld_reap only): {method['kernel']}.
-- Dense FFN width {student['width']}, dtype {student['dtype']}. Not distilled yet: expect a quality gap to the
-  teacher until it is (`m2d distill`).
-
-## Kept experts per MoE layer
-| layer | kept (most important first) | groups | down scales |
-|---|---|---|---|
-{rows}
-
-The full plan (merge weights, importance scores) is in `m2d_plan.json`.
-"""

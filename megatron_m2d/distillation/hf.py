@@ -10,6 +10,7 @@ batch of every step is a function of (seed, step) and a resumed run sees exactly
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -28,6 +29,8 @@ from megatron_m2d.distillation.state import (SCHEDULES, latest_checkpoint, learn
 from megatron_m2d.errors import M2DError
 from megatron_m2d.evaluation.perplexity import load_model
 from megatron_m2d.io.checkpoint import load_tokenizer
+from megatron_m2d.io.model_card import (Distillation, add_distillation, new_card, public_name, read_card,
+                                         weights_dtype, write_card)
 from megatron_m2d.io.writer import atomic_directory
 
 
@@ -40,7 +43,7 @@ class DistillConfig:
     lr: float = 1e-4
     min_lr: float = 1e-5
     schedule: str = "wsd"
-    warmup: int = 10
+    warmup: int | None = None  # linear warmup steps (None: 10 % of the steps, so it never exceeds them)
     decay: int = 0  # wsd: steps of the final decay (0: the last 10 %)
     weight_decay: float = 0.0
     clip_grad: float = 1.0
@@ -59,6 +62,11 @@ class DistillConfig:
             raise M2DError("--kd-weight must lie in [0, 1]")
         if self.steps < 1 or self.micro_batch < 1 or self.grad_accum < 1 or self.temperature <= 0:
             raise M2DError("--steps, --micro-batch and --grad-accum must be >= 1 and --temperature > 0")
+        if self.warmup is not None and not 0 <= self.warmup <= self.steps:
+            raise M2DError(f"--warmup {self.warmup} must lie in [0, --steps {self.steps}]")
+
+    def resolved_warmup(self) -> int:
+        return self.steps // 10 if self.warmup is None else self.warmup
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -142,8 +150,10 @@ def distill(teacher: str | Path, student: str | Path, data: str, out: str | Path
     bar = tqdm(range(start, config.steps), desc="distill", unit="step", initial=start, total=config.steps,
                disable=not progress or rank != 0)
     tick, tokens_seen = time.perf_counter(), 0
+    recent = collections.deque(maxlen=10)  # the final loss the card states: a mean, since one step is noisy
     for step in bar:
-        lr = learning_rate(step, config.steps, config.lr, config.min_lr, config.schedule, config.warmup, decay)
+        lr = learning_rate(step, config.steps, config.lr, config.min_lr, config.schedule, config.resolved_warmup(),
+                           decay)
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = _global_batch(blocks, step, per_step, config.seed)
@@ -170,6 +180,7 @@ def distill(teacher: str | Path, student: str | Path, data: str, out: str | Path
         if rank == 0:
             record = {"step": step + 1, "lr": lr, "loss": float(totals[0]), "kd": float(totals[1]), "lm": float(totals[2])}
             log.write(json.dumps(record) + "\n")
+            recent.append(record["kd"])
             log.flush()
             if step % config.log_every == 0 or step + 1 == config.steps:
                 rate = tokens_seen / max(time.perf_counter() - tick, 1e-9)
@@ -183,7 +194,9 @@ def distill(teacher: str | Path, student: str | Path, data: str, out: str | Path
         with atomic_directory(out / "model", overwrite=True) as tmp:
             student_model.save_pretrained(tmp)
             student_tokenizer.save_pretrained(tmp)
-            _copy_card(Path(student), tmp, config, teacher, data, per_step * config.seq_len * config.steps)
+            _write_card(Path(student), tmp, config, teacher, data, per_step * config.seq_len * config.steps,
+                        {f"train KD, mean of the last {len(recent)} steps": sum(recent) / len(recent)}
+                        if recent else {})
     if dist.is_initialized():
         dist.barrier()
     return {"steps": config.steps, "tokens": per_step * config.seq_len * config.steps, "model": str(out / "model")}
@@ -202,13 +215,25 @@ def _global_batch(blocks: torch.Tensor, step: int, per_step: int, seed: int) -> 
     return torch.stack(rows)
 
 
-def _copy_card(student: Path, out: Path, config: DistillConfig, teacher, data: str, tokens: int) -> None:
-    card = (student / "README.md").read_text() if (student / "README.md").exists() else "# Distilled student\n"
-    card += (f"\n## Distillation (megatron_m2d, HF backend)\n- Teacher `{teacher}`, data `{data}` (train split), "
-             f"{tokens:,} tokens, {config.steps} steps, lr {config.lr} -> {config.min_lr} ({config.schedule}).\n"
-             f"- Loss: {config.kd_weight} x forward KL (T = {config.temperature}) + {1 - config.kd_weight:g} x LM"
-             f"; teacher top-k {config.teacher_top_k or 'as trained'}.\n")
-    (out / "README.md").write_text(card)
+def _write_card(student: Path, out: Path, config: DistillConfig, teacher, data: str, tokens: int,
+                losses: dict[str, float]) -> None:
+    """The student's card (densify's, or a plain one for a student m2d did not make) with the distillation
+    record in place of "not distilled", and the dtype the model was saved in; the plan travels along."""
+    card = read_card(student) or new_card(
+        teacher=teacher, teacher_dir=teacher, model_dir=out, name=out.parent.name,
+        title=f"{public_name(student)} distilled from {public_name(teacher)}",
+        summary=f"`{public_name(student)}` distilled from `{public_name(teacher)}` by megatron_m2d.", facts={}, made=[])
+    settings = {"sequence length": config.seq_len, "global batch (sequences)": tokens // config.steps // config.seq_len,
+                "learning rate": f"{config.lr:g} -> {config.min_lr:g} ({config.schedule})",
+                "warmup / decay steps": f"{config.resolved_warmup()} / {config.decay or max(1, config.steps // 10)}",
+                "loss": f"{config.kd_weight:g} x forward KL(teacher || student) at T = {config.temperature:g}"
+                        + (f" + {1 - config.kd_weight:g} x LM loss" if config.kd_weight < 1 else ""),
+                "teacher experts per token": config.teacher_top_k or "as trained",
+                "optimizer": f"AdamW (0.9, 0.95), weight decay {config.weight_decay:g}, clip {config.clip_grad:g}",
+                "seed": config.seed}
+    record = Distillation(backend="PyTorch + transformers (`m2d distill --backend hf`)", teacher=str(teacher),
+                          data=data, tokens=tokens, steps=config.steps, settings=settings, losses=losses)
+    write_card(out, add_distillation(card, record, weights_dtype(out)))
     for name in ("m2d_plan.json",):
         if (student / name).exists():
             (out / name).write_text((student / name).read_text())

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megatron_m2d.errors import M2DError
+from megatron_m2d.io.writer import ordinary_permissions
 
 SCHEDULES = ("wsd", "cosine", "constant")
 
@@ -60,6 +61,7 @@ def save_training_state(directory: Path, model, optimizer: torch.optim.Optimizer
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "scalars": scalars, **extra}, indent=1))
     if directory.exists():
         shutil.rmtree(directory)
+    ordinary_permissions(tmp)
     os.replace(tmp, directory)
 
 

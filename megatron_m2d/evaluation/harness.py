@@ -10,6 +10,7 @@ import contextlib
 from pathlib import Path
 
 from megatron_m2d.errors import M2DError
+from megatron_m2d.io.model_card import Evaluation
 
 
 def run_tasks(model_dir, tasks: list[str], include_path: str | None = None, limit: int | None = None,
@@ -36,3 +37,20 @@ def run_tasks(model_dir, tasks: list[str], include_path: str | None = None, limi
     return {task: {metric.split(",")[0]: value for metric, value in scores.items()
                    if isinstance(value, (int, float)) and not metric.startswith("alias")}
             for task, scores in results["results"].items()}
+
+
+def as_evaluations(results: dict[str, dict], num_fewshot: int | None, limit: int | None) -> list[Evaluation]:
+    """lm-eval metrics as model-card evaluations (stderr values go into the 'how' column, not a row of their own)."""
+    import lm_eval
+
+    made = []
+    for task, metrics in results.items():
+        for metric, value in metrics.items():
+            if metric.endswith("_stderr") or metric == "sample_len":
+                continue
+            how = f"lm-eval {lm_eval.__version__}, {num_fewshot or 0}-shot"
+            how += f", first {limit} items" if limit else ""
+            if f"{metric}_stderr" in metrics:
+                how += f", stderr {metrics[f'{metric}_stderr']:.4f}"
+            made.append(Evaluation(metric=metric, value=value, dataset=task, dataset_name=task, details=how))
+    return made

@@ -46,9 +46,21 @@ def atomic_directory(out: str | Path, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    ordinary_permissions(tmp)
     if out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     os.replace(tmp, out)
+
+
+def ordinary_permissions(directory: Path) -> None:
+    """Files 0644 and folders 0755 (under the usual umask 022) throughout `directory`: safetensors and
+    tempfile-based writers create 0600 files, which other users of a shared cluster then cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    Path(directory).chmod(0o777 & ~umask)
+    for path in Path(directory).rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def write_json(path: Path, obj) -> None:

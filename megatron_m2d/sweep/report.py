@@ -20,7 +20,7 @@ def write_reports(out: Path, rows: list[dict], teacher_ppl: float, seconds: floa
         writer.writerows(rows)
     (out / "results.md").write_text(markdown(rows, teacher_ppl, seconds))
     plot_by_scoring(out / "ppl_by_scoring.png", rows, teacher_ppl)
-    plot_by_grouping(out / "ppl_by_grouping.png", rows)
+    plot_by_grouping(out / "ppl_by_grouping.png", rows, teacher_ppl)
 
 
 def best_by(rows: list[dict], *fields: str) -> dict[tuple, dict]:
@@ -53,35 +53,44 @@ def markdown(rows: list[dict], teacher_ppl: float, seconds: float) -> str:
 
 
 def plot_by_scoring(path: Path, rows: list[dict], teacher_ppl: float) -> None:
+    """Best perplexity per scoring: a line over K when several K were swept, else one point per scoring."""
     best = best_by(rows, "scoring", "select")
-    with figure(path) as (fig, ax):
-        for scoring in sorted({r["scoring"] for r in rows}):
-            points = sorted((k, row["ppl"]) for (s, k), row in best.items() if s == scoring)
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=scoring)
-        ax.axhline(teacher_ppl, color="black", linestyle="--", linewidth=1, label="teacher (MoE)")
-        ax.set_xticks(sorted({r["select"] for r in rows}))
-        ax.set_xlabel("K (experts kept per layer)")
-        ax.set_title("Perplexity by scoring and K, before distillation")
+    scorings = sorted({r["scoring"] for r in rows})
+    selects = sorted({r["select"] for r in rows})
+    with figure(path, "Best perplexity by scoring, before distillation") as (fig, ax):
+        if len(selects) > 1:
+            for scoring in scorings:
+                points = sorted((k, row["ppl"]) for (s, k), row in best.items() if s == scoring)
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=scoring)
+            ax.set_xticks(selects)
+            ax.set_xlabel("K (experts kept per layer)")
+        else:  # one K: the scorings are the categories
+            ax.plot(range(len(scorings)), [best[(s, selects[0])]["ppl"] for s in scorings], "o",
+                    label=f"K={selects[0]}")
+            ax.set_xticks(range(len(scorings)), scorings, rotation=20, ha="right", fontsize=8)
+            ax.set_xlabel("scoring")
+        ax.axhline(teacher_ppl, color="black", linestyle="--", linewidth=1, label=f"teacher (MoE) {teacher_ppl:.2f}")
         log_ppl_axis(ax, "held-out perplexity (best over groupings, scalings)")
 
 
-def plot_by_grouping(path: Path, rows: list[dict]) -> None:
-    """Median over scorings and scalings of the perplexity of each grouping, per K > k (where groupings act)."""
+def plot_by_grouping(path: Path, rows: list[dict], teacher_ppl: float) -> bool:
+    """Median over scorings and scalings of each grouping's perplexity, per K > k (where groupings act). Written
+    only when at least two groupings acted: one grouping is not a comparison. Returns whether it was written."""
     merged = [r for r in rows if r["select"] > r["groups"]]
-    with figure(path) as (fig, ax):
-        ax.set_title("Perplexity by grouping (K > k)")
-        if not merged:
-            ax.text(0.5, 0.5, "no configuration with K > k: groupings do not act", ha="center", va="center")
-            return
-        values: dict[tuple, list[float]] = defaultdict(list)
-        for r in merged:
-            values[(r["grouping"], r["select"])].append(r["ppl"])
-        groupings = sorted({g for g, _ in values})
-        selects = sorted({k for _, k in values})
-        width = 0.8 / len(groupings)
-        for i, grouping in enumerate(groupings):
-            xs = [j + i * width for j in range(len(selects))]
-            ax.bar(xs, [stats_.median(values.get((grouping, k), [float("nan")])) for k in selects], width,
-                   label=grouping)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(selects))], [f"K={k}" for k in selects])
+    groupings = sorted({r["grouping"] for r in merged})
+    if len(groupings) < 2:
+        path.unlink(missing_ok=True)  # a plot from an earlier, larger sweep into the same directory is stale
+        return False
+    values: dict[tuple, list[float]] = defaultdict(list)
+    for r in merged:
+        values[(r["grouping"], r["select"])].append(r["ppl"])
+    selects = sorted({k for _, k in values})
+    with figure(path, "Median perplexity by grouping (K > k), before distillation") as (fig, ax):
+        for j, k in enumerate(selects):  # points, not bars: the axis is logarithmic
+            xs = [i + (j - (len(selects) - 1) / 2) * 0.12 for i in range(len(groupings))]
+            ax.plot(xs, [stats_.median(values.get((g, k), [float("nan")])) for g in groupings], "o", label=f"K={k}")
+        ax.set_xticks(range(len(groupings)), groupings, rotation=15, ha="right", fontsize=8)
+        ax.set_xlabel("grouping")
+        ax.axhline(teacher_ppl, color="black", linestyle="--", linewidth=1, label=f"teacher (MoE) {teacher_ppl:.2f}")
         log_ppl_axis(ax, "median perplexity over scorings and scalings")
+    return True

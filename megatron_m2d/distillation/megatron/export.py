@@ -8,17 +8,15 @@ card and plan copied at save time, train_state.json and run_config.json), so the
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 
 from megatron_m2d import __version__
 from megatron_m2d.distillation.megatron.checkpoint_files import (CONFIG_FILE, RECORD_DIR, STATE_FILE, read_json)
 from megatron_m2d.errors import M2DError
+from megatron_m2d.io import model_card as cards
 
 PLAN_FILE = "m2d_plan.json"  # densify's plan (densification.run.PLAN_FILE), kept beside the exported student
-# densify's card says "Not distilled yet: expect a quality gap ... (`m2d distill`)." until a record follows
-NOT_DISTILLED = re.compile(r"\s*Not distilled yet[^.]*\.")
 
 
 def is_training_checkpoint(path: str | Path) -> bool:
@@ -76,41 +74,41 @@ def _averaged(values: dict) -> str:
     return f" (mean of the last {steps} steps)" if steps and steps > 1 else ""
 
 
-def distillation_section(record: dict) -> str:
-    """The card's distillation record, as prose and a table (never Python reprs)."""
+def distillation(record: dict) -> cards.Distillation:
+    """The card's distillation record (rows of a table, never Python reprs) from `distillation_record`."""
     s, loss, layout = record["schedule"], record["loss"], record.get("layout") or {}
-    top_k = loss.get("teacher_top_k") or "as trained"
-    tokens = f"{record['tokens']:,}" if isinstance(record.get("tokens"), int) else "unknown"
-    return f"""
-## Distillation (megatron_m2d {record.get('m2d_version') or __version__}, Megatron-Core backend)
+    steps = record.get("steps")
+    settings = {
+        "split": record.get("split"),
+        "batch": f"{steps} step{'' if steps == 1 else 's'} of {record.get('global_batch')} x {record.get('seq_len')} "
+                 "tokens",
+        "loss": f"{loss.get('kd_weight')} x T^2 KL + {1 - (loss.get('kd_weight') or 0):g} x LM cross-entropy, "
+                f"T = {loss.get('temperature')}",
+        "teacher experts per token": loss.get("teacher_top_k") or "as trained",
+        "schedule": f"{s.get('schedule')}: lr {s.get('lr')} -> {s.get('min_lr')}, warmup {s.get('warmup')}, decay "
+                    f"{s.get('decay')}, weight decay {s.get('weight_decay')}, clip {s.get('clip_grad')}, AdamW betas "
+                    f"({s.get('adam_beta1')}, {s.get('adam_beta2')})",
+        "precision": f"{record.get('precision')}" + (f" + FP8 {record['fp8']}" if record.get("fp8") else ""),
+        "layout": f"TP {layout.get('tp')} x PP {layout.get('pp')} x DP {layout.get('dp')}",
+        f"final train loss{_averaged(record.get('final_train') or {})}": _loss_text(record.get("final_train") or {}),
+        "final validation loss": _loss_text(record.get("final_valid") or {}),
+        "seed": record.get("seed"),
+        "megatron_m2d": record.get("m2d_version") or __version__,
+    }
+    return cards.Distillation(backend="Megatron-Core (`m2d distill --backend megatron`)",
+                              teacher=str(record.get("teacher")), data=_blend(record.get("data")),
+                              tokens=record.get("tokens"), steps=steps, settings=settings)
 
-Distilled from the teacher `{record['teacher']}` by forward KL on logits:
-loss = {loss.get('kd_weight')} x T^2 KL + {1 - (loss.get('kd_weight') or 0):g} x LM cross-entropy, with T = {loss.get('temperature')}
-and {top_k} teacher experts per token.
 
-| | |
-|---|---|
-| data blend | {_blend(record.get('data'))} (split {record.get('split')}) |
-| tokens | {tokens} ({record.get('steps')} step{'' if record.get('steps') == 1 else 's'} of {record.get('global_batch')} x {record.get('seq_len')} tokens) |
-| schedule | {s.get('schedule')}: lr {s.get('lr')} -> {s.get('min_lr')}, warmup {s.get('warmup')}, decay {s.get('decay')}, weight decay {s.get('weight_decay')}, clip {s.get('clip_grad')}, AdamW betas ({s.get('adam_beta1')}, {s.get('adam_beta2')}) |
-| precision | {record.get('precision')}{' + FP8 ' + str(record['fp8']) if record.get('fp8') else ''} |
-| layout | TP {layout.get('tp')} x PP {layout.get('pp')} x DP {layout.get('dp')} |
-| final train loss{_averaged(record.get('final_train') or {})} | {_loss_text(record.get('final_train') or {})} |
-| final validation loss | {_loss_text(record.get('final_valid') or {})} |
-| seed | {record.get('seed')} |
-"""
-
-
-def model_card(checkpoint: Path, record: dict) -> str:
-    """The densify card (its "not distilled yet" note dropped) followed by the distillation record."""
-    densify_card = checkpoint / RECORD_DIR / "README.md"
-    if densify_card.is_file():
-        card = re.sub(NOT_DISTILLED, "", densify_card.read_text()).rstrip() + "\n"
-    else:
-        card = ("---\nlibrary_name: transformers\npipeline_tag: text-generation\ntags: [megatron_m2d, distillation]"
-                "\n---\n# Distilled dense student\n\nThe student's densify record was not available when the "
-                "checkpoint was saved.\n")
-    return card + distillation_section(record)
+def model_card(checkpoint: Path, record: dict, directory: Path, name: str) -> str:
+    """The densify card with its distillation section holding this run's record (model_card.add_distillation:
+    "not distilled" replaced, the student's pre-distillation results dropped, the dtype read back from the
+    exported weights in `directory`)."""
+    card = cards.read_card(checkpoint / RECORD_DIR) or cards.new_card(
+        teacher=record.get("teacher"), teacher_dir=None, model_dir=directory, name=name,
+        title="Distilled dense student", summary="The student's densify record was not available when the "
+        "checkpoint was saved.", facts={}, made=[])
+    return cards.add_distillation(card, distillation(record), cards.weights_dtype(directory))
 
 
 def export_student(checkpoint_dir: str | Path, out_dir: str | Path, record: dict | None = None,
@@ -126,7 +124,7 @@ def export_student(checkpoint_dir: str | Path, out_dir: str | Path, record: dict
     card_record = {**distillation_record(checkpoint), **(record or {})}
 
     def write_card(directory: Path) -> None:
-        (directory / "README.md").write_text(model_card(checkpoint, card_record))
+        cards.write_card(directory, model_card(checkpoint, card_record, directory, Path(out_dir).name))
         if (checkpoint / RECORD_DIR / PLAN_FILE).is_file():
             shutil.copy2(checkpoint / RECORD_DIR / PLAN_FILE, directory / PLAN_FILE)
 
