@@ -62,7 +62,7 @@ def test_densify_plan_records_the_conditional_probability(tiny, text_dir, tmp_pa
         layer = stats.layer(0) if cp == "probability" else dataclasses.replace(stats.layer(0), cp=cp)
         expected = layer.conditional_prob
         assert plan["layers"]["0"]["importance"] == pytest.approx(expected.tolist(), abs=1e-7)
-    assert "conditional probability: `probability`" in (tmp_path / "probability" / "README.md").read_text()
+    assert "| conditional probability | `probability`" in (tmp_path / "probability" / "README.md").read_text()
 
 
 @pytest.mark.parametrize("grouping", ["output_cluster", "dominant_expert"])

@@ -187,7 +187,9 @@ def model_card(c: dict) -> str:
     rows = "\n".join(f"| {r['layer']} | {r['entropy']} | {min(r['utilisation'])} | {max(r['utilisation'])} |"
                      for r in c["routing"])
     return f"""---
+license: apache-2.0
 library_name: transformers
+pipeline_tag: text-generation
 tags: [megatron_m2d, fixture, moe]
 ---
 # megatron_m2d fixture MoE ({c['preset']} preset)
@@ -214,7 +216,9 @@ experts (1.0 = perfectly even).
 
 def dense_card(c: dict) -> str:
     return f"""---
+license: apache-2.0
 library_name: transformers
+pipeline_tag: text-generation
 tags: [megatron_m2d, fixture, dense]
 ---
 # megatron_m2d fixture dense model ({c['preset']} preset): the D2D baseline's teacher

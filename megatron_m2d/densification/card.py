@@ -38,9 +38,9 @@ def densify_card(plan: dict, model_dir: Path, name: str, teacher_dir: Path) -> s
                                                    if method["merge"] == "partial" else ""),
                 "down-projection scaling": f"`{method['scaling']}`", "seed": method["seed"]}
     if "cp" in method:
-        settings["conditional probability"] = {"probability": "mean softmax probability where selected (Eq. 3)",
-                                               "routing_weight": "mean routing weight applied where selected"
-                                               }.get(method["cp"], method["cp"])
+        settings["conditional probability"] = f"`{method['cp']}`: " + {
+            "probability": "mean softmax probability where selected (Eq. 3)",
+            "routing_weight": "mean routing weight applied where selected"}.get(method["cp"], "")
     if method["scoring"] in ("gram_logdet", "gld_reap"):
         kernel = method["kernel"]
         gram = kernel["gram"] if kernel["gram"] != "auto" else ("all" if calib.get("gram") else "gated")
