@@ -244,7 +244,10 @@ def add_run_arguments(parser: argparse.ArgumentParser, defaults_shown: dict[str,
         default = f.default if f.default is not MISSING else None
         help_text = f.metadata["help"]
         if not f.metadata.get("required"):
-            help_text += f" (default: {(defaults_shown or {}).get(f.name, '{}').format(default)})"
+            shown = "none" if default is None else default  # "None" reads as a Python repr
+            help_text += f" (default: {(defaults_shown or {}).get(f.name, '{}').format(shown)})"
+        else:  # not required by argparse: a run config file may set it instead
+            help_text += " (required: here or in the --config file)"
         if notes and f.name in notes:
             help_text += f"; {notes[f.name]}"
         kwargs = dict(default=argparse.SUPPRESS, help=help_text.replace("%", "%%"), dest=f.name)
