@@ -56,7 +56,7 @@ def test_exported_student_loads_in_transformers_with_the_megatron_logits(megatro
     assert AutoTokenizer.from_pretrained(out)("fox").input_ids == AutoTokenizer.from_pretrained(dense)("fox").input_ids
 
     card = (out / "README.md").read_text()
-    assert card.startswith("---\n") and "Not distilled yet" not in card
+    assert card.startswith("---\n") and "Not distilled" not in card
     assert "Kept experts per MoE layer" in card  # the densify record
     for text in ("## Distillation", "`Qwen/Qwen3-30B-A3B`", "`web` (weight 0.7), `code` (weight 0.3)", "| tokens | 64",
                  "final train loss (mean of the last 2 steps) | KD (forward KL) 1.2345, LM 3.5000",

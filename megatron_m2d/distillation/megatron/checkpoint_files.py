@@ -21,7 +21,7 @@ from megatron_m2d.convert.provider import META
 from megatron_m2d.errors import M2DError
 
 PREFIX, MARKER = "step_", "COMPLETE"
-STATE_FILE, CONFIG_FILE, RNG_DIR, RECORD_DIR = "train_state.json", "run_config.json", "rng", "densify"
+STATE_FILE, CONFIG_FILE, RNG_DIR = "train_state.json", "run_config.json", "rng"
 RECORD_FILES = ("README.md", "m2d_plan.json")  # what densify wrote beside the student: its model card and plan
 LEFTOVERS = (".tmp", ".deleting", ".replaced")
 
@@ -121,16 +121,17 @@ def check_student_keys(written: Path, student_dir: Path) -> None:
 
 
 def write_student_files(tmp: Path, student_dir: Path, step: int, sizes: dict) -> None:
-    """The converter's provider config (retargeted at the run's layout) and side files, and the densify record
-    (model card and plan) when the student's HF directory still has them."""
+    """The converter's provider config (retargeted at the run's layout) and side files: tokenizer files and the
+    densify record (model card and plan), which `m2d convert` keeps there; a student converted before it did gets
+    them from its HF directory when that still has them."""
     meta = read_json(student_dir / META)
     write_json(tmp / META, {**meta, "parallel": sizes, "written_layout": sizes, "training_step": step,
                             "m2d_version": __version__})
+    side = tmp / SIDE_FILES_DIR
     if (student_dir / SIDE_FILES_DIR).is_dir():
-        shutil.copytree(student_dir / SIDE_FILES_DIR, tmp / SIDE_FILES_DIR)
+        shutil.copytree(student_dir / SIDE_FILES_DIR, side)
+    side.mkdir(exist_ok=True)
     source = Path(meta["source"]) if meta.get("source") else None
-    record = [source / name for name in RECORD_FILES if source is not None and (source / name).is_file()]
-    if record:
-        (tmp / RECORD_DIR).mkdir()
-        for path in record:
-            shutil.copy2(path, tmp / RECORD_DIR / path.name)
+    for name in RECORD_FILES:
+        if not (side / name).exists() and source is not None and (source / name).is_file():
+            shutil.copy2(source / name, side / name)

@@ -3,10 +3,10 @@ scheduler, every RNG stream, the consumed-sample counts and the run config, publ
 
     root/step_0000200/
         .metadata  *.distcp  common.pt  metadata.json     megatron-core `torch_dist`: student + optimizer
-        m2d_convert.json  hf_side_files/                   as `m2d convert` writes them: the model keys are the
-                                                           converter's, so `m2d convert megatron-to-hf` reads it
+        m2d_convert.json  hf_side_files/                   as `m2d convert` writes them (tokenizer, densify card and
+                                                           plan): the model keys are the converter's, so
+                                                           `m2d convert megatron-to-hf` reads it
         train_state.json  run_config.json  rng/rank_*.json   ours, JSON (nothing here is ever unpickled)
-        densify/README.md  densify/m2d_plan.json           the student's densify record, for the model card
         COMPLETE                                           written last, once every rank has reported success
 
 A kill at any moment leaves the previous checkpoint intact (checkpoint_files.py: the directory protocol). The

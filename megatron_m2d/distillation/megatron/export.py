@@ -1,23 +1,20 @@
 """The distilled student as a HF directory: the dense class densify wrote, the tokenizer files, and a model card
 that adds the distillation record to the densify record.
 
-Everything comes from the training checkpoint itself (weights and provider config, side files, the densify
-card and plan copied at save time, train_state.json and run_config.json), so the end of a run and
+Everything comes from the training checkpoint itself (weights and provider config, side files with the densify
+card and plan, train_state.json and run_config.json), so the end of a run and
 `m2d convert megatron-to-hf` on any of its checkpoints write the same directory.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from megatron_m2d import __version__
-from megatron_m2d.distillation.megatron.checkpoint_files import (CONFIG_FILE, RECORD_DIR, STATE_FILE, read_json)
+from megatron_m2d.convert.checkpoint import SIDE_FILES_DIR
+from megatron_m2d.distillation.megatron.checkpoint_files import CONFIG_FILE, STATE_FILE, read_json
 from megatron_m2d.errors import M2DError
 from megatron_m2d.io import model_card as cards
-
-PLAN_FILE = "m2d_plan.json"  # densify's plan (densification.run.PLAN_FILE), kept beside the exported student
-
 
 def is_training_checkpoint(path: str | Path) -> bool:
     return (Path(path) / STATE_FILE).is_file()
@@ -104,7 +101,7 @@ def model_card(checkpoint: Path, record: dict, directory: Path, name: str) -> st
     """The densify card with its distillation section holding this run's record (model_card.add_distillation:
     "not distilled" replaced, the student's pre-distillation results dropped, the dtype read back from the
     exported weights in `directory`)."""
-    card = cards.read_card(checkpoint / RECORD_DIR) or cards.new_card(
+    card = cards.read_card(checkpoint / SIDE_FILES_DIR) or cards.new_card(
         teacher=record.get("teacher"), teacher_dir=None, model_dir=directory, name=name,
         title="Distilled dense student", summary="The student's densify record was not available when the "
         "checkpoint was saved.", facts={}, made=[])
@@ -113,9 +110,9 @@ def model_card(checkpoint: Path, record: dict, directory: Path, name: str) -> st
 
 def export_student(checkpoint_dir: str | Path, out_dir: str | Path, record: dict | None = None,
                    overwrite: bool = False, progress: bool = True) -> Path:
-    """HF directory of the student in a training checkpoint (weights, config, tokenizer files, model card,
-    densify plan). `record` entries override those read from the checkpoint. One process; reads one decoder
-    layer at a time."""
+    """HF directory of the student in a training checkpoint (weights, config, tokenizer files, model card, and
+    the densify plan megatron_to_hf_checkpoint copies from the side files). `record` entries override those read
+    from the checkpoint. One process; reads one decoder layer at a time."""
     from megatron_m2d.convert.checkpoint import megatron_to_hf_checkpoint
 
     checkpoint = Path(checkpoint_dir)
@@ -125,8 +122,6 @@ def export_student(checkpoint_dir: str | Path, out_dir: str | Path, record: dict
 
     def write_card(directory: Path) -> None:
         cards.write_card(directory, model_card(checkpoint, card_record, directory, Path(out_dir).name))
-        if (checkpoint / RECORD_DIR / PLAN_FILE).is_file():
-            shutil.copy2(checkpoint / RECORD_DIR / PLAN_FILE, directory / PLAN_FILE)
 
     return megatron_to_hf_checkpoint(checkpoint, out_dir, overwrite=overwrite, progress=progress,
                                      write_card=write_card)
