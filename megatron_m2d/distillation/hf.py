@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -72,7 +73,9 @@ class DistillConfig:
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Per-token forward KL(teacher || student) x T^2, [B, S]."""
     try:  # the field's implementation when installed; reduction='none' keeps one value per token
-        from modelopt.torch.distill import LogitsDistillationLoss
+        with warnings.catch_warnings():  # its import notices (Apex missing, untested transformers) are not ours
+            warnings.simplefilter("ignore")
+            from modelopt.torch.distill import LogitsDistillationLoss
 
         return LogitsDistillationLoss(temperature, reduction="none")(student_logits.float(), teacher_logits.float())
     except ImportError:  # the same formula, so CI without modelopt trains identically

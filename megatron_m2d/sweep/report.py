@@ -68,6 +68,7 @@ def plot_by_scoring(path: Path, rows: list[dict], teacher_ppl: float) -> None:
             ax.plot(range(len(scorings)), [best[(s, selects[0])]["ppl"] for s in scorings], "o",
                     label=f"K={selects[0]}")
             ax.set_xticks(range(len(scorings)), scorings, rotation=20, ha="right", fontsize=8)
+            ax.set_xlim(-0.5, len(scorings) - 0.5)
             ax.set_xlabel("scoring")
         ax.axhline(teacher_ppl, color="black", linestyle="--", linewidth=1, label=f"teacher (MoE) {teacher_ppl:.2f}")
         log_ppl_axis(ax, "held-out perplexity (best over groupings, scalings)")
@@ -90,6 +91,7 @@ def plot_by_grouping(path: Path, rows: list[dict], teacher_ppl: float) -> bool:
             xs = [i + (j - (len(selects) - 1) / 2) * 0.12 for i in range(len(groupings))]
             ax.plot(xs, [stats_.median(values.get((g, k), [float("nan")])) for g in groupings], "o", label=f"K={k}")
         ax.set_xticks(range(len(groupings)), groupings, rotation=15, ha="right", fontsize=8)
+        ax.set_xlim(-0.5, len(groupings) - 0.5)
         ax.set_xlabel("grouping")
         ax.axhline(teacher_ppl, color="black", linestyle="--", linewidth=1, label=f"teacher (MoE) {teacher_ppl:.2f}")
         log_ppl_axis(ax, "median perplexity over scorings and scalings")
