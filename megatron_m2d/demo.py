@@ -12,6 +12,8 @@ import csv
 import time
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from megatron_m2d.baselines.d2d import d2d
 from megatron_m2d.baselines.random_ffn import random_ffn
 from megatron_m2d.calibration.run import calibrate
@@ -80,7 +82,8 @@ def run_demo(out: str | Path = "m2d-demo", quick: bool = False, overwrite: bool 
     train = DistillConfig(steps=s["steps"], seq_len=s["seq_len"], micro_batch=s["micro_batch"], lr=1e-3,
                           min_lr=1e-4, warmup=max(1, s["steps"] // 10), train_tokens=200_000, save_every=10**9)
     rows = [{"model": "teacher (MoE)", "before": ppl(FIXTURE_MOE), "after": None}]
-    for label, path in made.items():
+    # one display for the step: the students, not each run's own bar (their loss curves are in distill-*/log.jsonl)
+    for label, path in tqdm(made.items(), desc="distil and evaluate", unit="student"):
         result = distill(FIXTURE_MOE, path, "fixture", out / f"distill-{path.name}", train, device="cpu",
                          progress=False)
         rows.append({"model": label, "before": ppl(path), "after": ppl(result["model"])})
