@@ -116,8 +116,13 @@ def loss_curve(config, steps: int) -> list[dict]:
     from megatron_m2d.distillation.megatron.loop import build_engine, train_step
     from megatron_m2d.distillation.megatron.parallel import initialize
 
+    from megatron_m2d.distillation.megatron.teacher_check import check_teacher
+
     layout = initialize(config)
     engine = build_engine(config, layout, Path(config.student), Path(config.teacher), torch.device("cpu"))
+    if config.check_teacher:  # the check's own pipeline/TP/EP path; its verdict raises on every rank
+        check_teacher(engine.models.teacher, Path(config.teacher), engine.models.vocab_size, layout.tp,
+                      config.teacher_top_k, torch.device("cpu"), engine.models.uses_te)
     share = layout.micro_batch * layout.num_micro_batches
     curve = []
     for step in range(steps):

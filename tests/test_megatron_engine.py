@@ -140,8 +140,10 @@ def tp1_curve(pair, tmp_path_factory):
 def test_parallel_layouts_follow_the_tp1_loss_curve(pair, tp1_curve, layout, tmp_path):
     """Global batch 4: TP1/TP2/PP2 run 2 micro-batches of 2; DP2 and the EP2 teacher (its experts split over the
     2 data-parallel ranks) one micro-batch of 2 per rank. Layouts change only fp32 summation orders: the 4-step
-    curves (loss, KD and LM loss, gradient norm) agree to 1e-5 relative (measured: <= 3e-7)."""
-    curve = run_engine(2, run_config(pair, tmp_path, lr=1e-3, **layout), STEPS, tmp_path / "curve.json")
+    curves (loss, KD and LM loss, gradient norm) agree to 1e-5 relative (measured: <= 3e-7). The teacher check
+    (teacher alone through the layout's pipeline, logits gathered over TP) passes in every layout first."""
+    config = run_config(pair, tmp_path, lr=1e-3, check_teacher=True, **layout)  # the teacher check runs there too
+    curve = run_engine(2, config, STEPS, tmp_path / "curve.json")
     for step, (ours, reference) in enumerate(zip(curve, tp1_curve)):
         for key in ("loss", "kd_loss", "lm_loss", "grad_norm"):
             assert ours[key] == pytest.approx(reference[key], rel=1e-5), (step, key)

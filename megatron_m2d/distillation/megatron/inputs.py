@@ -72,6 +72,7 @@ def _megatron_checkpoint(config: RunConfig, role: str) -> Path:
     if target.exists():
         raise M2DError(f"{target} holds a conversion of another model; remove it or choose another --out")
     print(f"converting the {role} {model.path} -> {target}", flush=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
     run_m2d(["convert", "hf-to-megatron", "--model", str(model.path), "--out", str(target),
              "--make-vocab-size-divisible-by", str(config.make_vocab_size_divisible_by)], f"converting the {role}")
     return target

@@ -66,8 +66,14 @@ def check_pair(config: RunConfig, student: ModelInput, teacher: ModelInput) -> N
     if experts and config.tp > 1 and config.sequence_parallel is False:
         raise M2DError("a MoE teacher under --tp > 1 needs sequence parallelism (megatron-core); "
                        "drop --sequence-parallel false")
-    if config.sequence_parallel is not False and config.tp > 1 and config.seq_len % config.tp:
+    sequence_parallel = config.tp > 1 and config.sequence_parallel is not False
+    if sequence_parallel and config.seq_len % config.tp:
         raise M2DError(f"--seq-len {config.seq_len} does not split over --tp {config.tp} (sequence parallel)")
+    tokens = config.micro_batch * (config.seq_len // config.tp if sequence_parallel else config.seq_len)
+    if config.fp8 and tokens % 16:  # FP8 GEMMs need it (TransformerEngine #1422)
+        raise M2DError(f"--fp8 needs a multiple of 16 tokens per rank and micro-batch; --micro-batch "
+                       f"{config.micro_batch} x --seq-len {config.seq_len}{' / --tp' if sequence_parallel else ''} "
+                       f"gives {tokens}")
 
 
 def _check_tokenizers(student_dir: Path, teacher_dir: Path) -> None:
