@@ -122,3 +122,18 @@ def test_every_flag_has_help_with_its_default():
     for action in parser._actions[1:]:
         assert action.help and ("(default:" in action.help or action.dest in
                                 ("teacher", "student", "data", "out")), action.dest
+
+
+def test_shared_flags_state_both_backends_defaults():
+    """`m2d distill --help` shows the HF backend's default beside the Megatron one where they differ: the table
+    it reads (cli/distill.HF_DEFAULTS) is the HF DistillConfig's, and every other shared default is equal."""
+    from dataclasses import fields
+
+    from megatron_m2d.cli.distill import HF_DEFAULTS
+    from megatron_m2d.distillation.hf import DistillConfig
+
+    hf = {f.name: f.default for f in fields(DistillConfig)}
+    run = {f.name: f.default for f in fields(RunConfig)}
+    for name in hf.keys() & run.keys():
+        assert HF_DEFAULTS.get(name, run[name]) == hf[name], name
+    assert RunConfig(**REQUIRED, steps=50).warmup_steps == 5  # unset warmup: 10 % of the steps, in both

@@ -51,7 +51,7 @@ class RunConfig:
     lr: float = _f(1e-4, "peak learning rate")
     min_lr: float = _f(1e-5, "final learning rate")
     schedule: str = _f("wsd", "learning-rate schedule after the warmup", SCHEDULES)
-    warmup: int = _f(10, "linear warmup steps")
+    warmup: int | None = _f(None, "linear warmup steps (unset: 10 % of --steps, as the HF backend)")
     decay: int = _f(0, "wsd: steps of the final decay (0: the last 10 %)")
     weight_decay: float = _f(0.0, "AdamW weight decay (not applied to norms and biases)")
     clip_grad: float = _f(1.0, "clip the global gradient norm to this (0: no clipping)")
@@ -151,7 +151,7 @@ class RunConfig:
             if getattr(self, name) < 1:
                 raise M2DError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup", "decay", "eval_every", "weight_decay", "clip_grad", "min_lr"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise M2DError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
         if self.global_batch is not None and self.global_batch < 1:
             raise M2DError(f"--global-batch must be >= 1, got {self.global_batch}")
@@ -159,10 +159,11 @@ class RunConfig:
             raise M2DError(f"--teacher-top-k must be >= 1, got {self.teacher_top_k}")
         if not self.lr > 0 or self.min_lr > self.lr:
             raise M2DError(f"--lr must be > 0 and >= --min-lr (got {self.lr} and {self.min_lr})")
-        if self.warmup >= self.steps:
+        if self.warmup_steps >= self.steps:
             raise M2DError(f"--warmup {self.warmup} must be shorter than --steps {self.steps}")
-        if self.schedule == "wsd" and self.decay > self.steps - self.warmup:
-            raise M2DError(f"--decay {self.decay} exceeds the {self.steps - self.warmup} steps after the warmup")
+        if self.schedule == "wsd" and self.decay > self.steps - self.warmup_steps:
+            raise M2DError(f"--decay {self.decay} exceeds the {self.steps - self.warmup_steps} steps after the "
+                           "warmup")
         if not 0.0 <= self.kd_weight <= 1.0:
             raise M2DError(f"--kd-weight must lie in [0, 1], got {self.kd_weight}")
         if not self.temperature > 0:
@@ -189,6 +190,10 @@ class RunConfig:
         return self
 
     # ---- derived values -----------------------------------------------------------------------------------------
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.steps // 10 if self.warmup is None else self.warmup
 
     @property
     def decay_steps(self) -> int:

@@ -52,7 +52,8 @@ def _run(config: RunConfig) -> dict:
         raise M2DError("the Megatron backend needs a CUDA GPU (megatron-core puts tensors on the current CUDA "
                        "device); without one, use --backend hf")
     layout = initialize(config)
-    config = config.with_overrides({"global_batch": layout.global_batch})  # resolved, as checkpoints record it
+    # resolved, as checkpoints and the model card record them
+    config = config.with_overrides({"global_batch": layout.global_batch, "warmup": config.warmup_steps})
     rank0, out = is_logging_rank(), Path(config.out)
     student_dir, teacher_dir = megatron_checkpoints(config)
     engine = build_engine(config, layout, student_dir, teacher_dir, device())

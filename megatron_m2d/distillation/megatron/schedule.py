@@ -32,7 +32,7 @@ def build_scheduler(config: RunConfig, optimizer):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     return OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=config.lr, min_lr=config.min_lr, lr_warmup_steps=config.warmup,
+        optimizer, init_lr=0.0, max_lr=config.lr, min_lr=config.min_lr, lr_warmup_steps=config.warmup_steps,
         lr_decay_steps=config.steps, lr_decay_style=DECAY_STYLES[config.schedule],
         start_wd=config.weight_decay, end_wd=config.weight_decay, wd_incr_steps=config.steps,
         wd_incr_style="constant", wsd_decay_steps=config.decay_steps, lr_wsd_decay_style="linear",
