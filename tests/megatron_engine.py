@@ -4,6 +4,10 @@ the batches both backends see, and the HF backend's loss and gradients on them."
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -145,3 +149,66 @@ def run_engine(world: int, config, steps: int, path: Path) -> list[dict]:
 
     run_gloo(world, _curve_on_rank, config.to_dict(), steps, str(path))
     return json.loads(path.read_text())
+
+
+def preprocessed_plays(pair: dict, root: Path) -> Path:
+    """~150k tokens of the fixture's plays, one document per paragraph, in the student's tokenizer: a prefix."""
+    from megatron_m2d.distillation.megatron.preprocess import preprocess
+    from megatron_m2d.testing.corpus import paragraph_jsonl
+
+    preprocess([paragraph_jsonl(root / "plays.jsonl")], root / "plays", pair["student_hf"], progress=False)
+    return root / "plays"
+
+
+def train_rows(out: Path) -> list[dict]:
+    """The train rows of a run's metrics.jsonl."""
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
+
+
+def run_killed_after(settings: dict, kill_after_step: int | None) -> None:
+    """run() of RunConfig(**settings); with kill_after_step, SIGKILL right after that step's update (mid-run:
+    nothing of the step logged or saved)."""
+    from megatron_m2d.distillation.megatron import loop
+    from megatron_m2d.distillation.megatron.config import RunConfig
+    from megatron_m2d.distillation.megatron.run import run
+
+    if kill_after_step is not None:
+        train_step = loop.train_step
+
+        def killed(engine, batches):
+            values = train_step(engine, batches)
+            if engine.scheduler.num_steps == kill_after_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return values
+
+        loop.train_step = killed  # a process of our own: nothing to restore
+    run(RunConfig(**settings))
+
+
+_KILLABLE = """
+import importlib, json, sys
+import torch
+from tests.megatron_cpu import apply_cpu_patches
+apply_cpu_patches()
+torch._dynamo.config.disable = True
+module, function = sys.argv[1].split(":")
+getattr(importlib.import_module(module), function)(*json.loads(sys.argv[2]))
+"""
+
+
+def run_killable(target: str, *args, timeout: float = 900) -> int:
+    """`module:function`(*args) (JSON arguments) in a fresh interpreter under the CPU patches, in a session of its
+    own; its exit status (-9: killed). Once it has ended its whole process group is killed: megatron-core's
+    checkpoint writer starts a multiprocessing Manager that would outlive a SIGKILLed process forever."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    process = subprocess.Popen([sys.executable, "-c", _KILLABLE, target, json.dumps(args)], cwd=root, env=env,
+                               start_new_session=True)
+    try:
+        return process.wait(timeout=timeout)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

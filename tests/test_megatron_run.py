@@ -13,7 +13,7 @@ import torch
 from megatron_m2d.cli import main
 from megatron_m2d.convert.provider import META
 from tests.megatron_cpu import megatron_cpu  # noqa: F401  (fixture)
-from tests.megatron_engine import make_pair
+from tests.megatron_engine import make_pair, preprocessed_plays, run_killable, train_rows
 
 pytest.importorskip("megatron.core")
 pytest.importorskip("modelopt")
@@ -22,6 +22,11 @@ pytest.importorskip("modelopt")
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     return make_pair(tmp_path_factory.mktemp("pair"))
+
+
+@pytest.fixture(scope="module")
+def data_prefix(pair, tmp_path_factory):
+    return preprocessed_plays(pair, tmp_path_factory.mktemp("data"))
 
 
 # ---- bad input: one line, non-zero exit, nothing written ----------------------------------------------------------
@@ -87,17 +92,6 @@ def test_a_corrupted_teacher_checkpoint_is_one_line(megatron_cpu, pair, tmp_path
 
 # ---- a whole run ---------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def data_prefix(pair, tmp_path_factory):
-    """~150k tokens of the fixture's plays, one document per paragraph, in the student's tokenizer."""
-    from megatron_m2d.distillation.megatron.preprocess import preprocess
-    from megatron_m2d.testing.corpus import paragraph_jsonl
-
-    root = tmp_path_factory.mktemp("data")
-    preprocess([paragraph_jsonl(root / "plays.jsonl")], root / "plays", pair["student_hf"], progress=False)
-    return root / "plays"
-
-
 def test_a_run_from_hf_directories_trains_validates_saves_and_exports(megatron_cpu, pair, data_prefix,  # noqa: F811
                                                                       tmp_path):
     from transformers import AutoModelForCausalLM
@@ -121,41 +115,14 @@ def test_a_run_from_hf_directories_trains_validates_saves_and_exports(megatron_c
     assert model.config.vocab_size == 259 and "istill" in (out / "model" / "README.md").read_text()
 
 
-def _run_on_rank(rank: int, world: int, settings: dict, kill_after_step: int | None) -> None:
-    """run() in a process of its own; with kill_after_step, SIGKILL right after that step's update (mid-run:
-    nothing of the step logged or saved)."""
-    import os
-    import signal
-
-    from megatron_m2d.distillation.megatron import loop
-    from megatron_m2d.distillation.megatron.config import RunConfig
-    from megatron_m2d.distillation.megatron.run import run
-
-    if kill_after_step is not None:
-        train_step = loop.train_step
-
-        def killed(engine, batches):
-            values = train_step(engine, batches)
-            if engine.scheduler.num_steps == kill_after_step:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return values
-
-        loop.train_step = killed  # a process of our own: nothing to restore
-    run(RunConfig(**settings))
-
-
-def train_rows(out) -> list[dict]:
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
-
-
 def test_kill_9_mid_run_then_a_restart_continues_the_same_curve(megatron_cpu, pair, data_prefix,  # noqa: F811
                                                                 tmp_path):
     """Same layout, same seed: the restarted run resumes from the last checkpoint (step 2) and its losses, gradient
     norms and learning rates from step 3 on equal the uninterrupted run's bitwise (fp32 CPU is deterministic;
-    the data order comes from the consumed-samples count). The killed run is a process of its own."""
+    the data order comes from the consumed-samples count). The killed run is a process (and session) of its own,
+    so what megatron-core's checkpoint writer started dies with it."""
     from megatron_m2d.distillation.megatron.config import RunConfig
     from megatron_m2d.distillation.megatron.run import run
-    from tests.megatron_cpu import run_gloo
 
     def settings(out):
         return dict(teacher=str(pair["teacher"]), student=str(pair["student"]), data=[str(data_prefix)],
@@ -163,8 +130,7 @@ def test_kill_9_mid_run_then_a_restart_continues_the_same_curve(megatron_cpu, pa
                     lr=1e-3, save_every=2, eval_every=0, log_every=1, check_teacher=False, export=False,
                     tensorboard=False)
 
-    with pytest.raises(Exception, match="SIGKILL"):
-        run_gloo(1, _run_on_rank, settings(tmp_path / "killed"), 3)
+    assert run_killable("tests.megatron_engine:run_killed_after", settings(tmp_path / "killed"), 3) == -9
     assert [r["step"] for r in train_rows(tmp_path / "killed")] == [1, 2]
     run(RunConfig(**settings(tmp_path / "killed")))
     run(RunConfig(**settings(tmp_path / "whole")))
