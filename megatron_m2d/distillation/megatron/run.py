@@ -87,7 +87,7 @@ def _run(config: RunConfig) -> dict:
             metrics.check_finite(step, values)
             state.step, state.consumed_train_samples = step, batches.consumed_samples
             state.tokens += layout.global_batch * config.seq_len
-            state.train = values
+            state.record_train(values)  # the last values, and a window of losses for the model card
             logger.progress(step)
             if step % config.log_every == 0 or step == config.steps:
                 logger.log_train(step, values)
