@@ -3,7 +3,8 @@
     python benchmarks/bench_distill.py                              # CPU, tiny shapes: checks that it runs
     python benchmarks/bench_distill.py --preset qwen3-8l --seq-len 4096 --precision bf16 [--fp8 hybrid]   # a GPU
 
-Presets: `tiny` (a 4-layer Qwen3-MoE, hidden 128, 8 experts top-2, vocabulary 8,192, and its K=k=2 student), `qwen3-8l` (Qwen3-30B-A3B's shapes
+Presets: `fixture` (the shipped fixture MoE, trained, and its random-FFN student), `tiny` (a 4-layer Qwen3-MoE,
+hidden 128, 8 experts top-2, vocabulary 8,192, and its K=k=2 student), `qwen3-8l` (Qwen3-30B-A3B's shapes
 with 8 layers, 128 experts top-8, and its K=8 dense student: the 1.08 B student of the environment's H100
 measurements). Weights are random (throughput does not depend on them); the models are written once to --work.
 Both backends run in one process, their steps interleaved round by round (the median of the rounds is
@@ -36,6 +37,10 @@ def build_pair(preset: str, work: Path, dtype: torch.dtype) -> tuple[Path, Path]
     from megatron_m2d.testing.tiny import build_tiny_moe, byte_tokenizer
 
     teacher, student = work / f"{preset}-teacher", work / f"{preset}-student"
+    if preset == "fixture":  # the shipped fixture MoE (read only) and its random-FFN student
+        from megatron_m2d.demo import FIXTURE_MOE
+
+        teacher = FIXTURE_MOE
     if not (teacher / "config.json").exists():
         if preset == "tiny":
             # an 8,192-row vocabulary (ids stay below the byte tokenizer's 259) so the KD loss is not all overhead
@@ -97,7 +102,10 @@ def loss_peak(engine: MegatronEngine, tokens: int, vocab_rows: int, device: torc
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=["tiny", "qwen3-8l"], default="tiny")
+    parser.add_argument("--preset", choices=["tiny", "fixture", "qwen3-8l"], default="tiny",
+                        help="tiny: random 4-layer Qwen3-MoE; fixture: the shipped fixture MoE (4 layers, 16 experts "
+                             "top-2, hidden 192, vocabulary 4,096); qwen3-8l: Qwen3-30B-A3B with 8 layers "
+                             "(default: tiny)")
     parser.add_argument("--seq-len", type=int, default=None, help="default: 256 (tiny), 4096 (qwen3-8l)")
     parser.add_argument("--micro-batch", type=int, default=1)
     parser.add_argument("--micro-batches", type=int, default=2, help="per optimizer step (gradient accumulation)")

@@ -97,11 +97,11 @@ def logits_bytes(shape: ModelShape, layout: Layout) -> float:
 
 def kd_loss_chunk_bytes(shape: ModelShape, layout: Layout) -> float:
     """One fp32 chunk of the KD loss: whole rows of this rank's vocabulary shard, sized as loss.py sizes it."""
-    from megatron_m2d.distillation.megatron.loss import CHUNK_BYTES_MAX, CHUNK_BYTES_MIN, CHUNK_FRACTION
+    from megatron_m2d.distillation.megatron.loss import default_chunk_bytes
 
     shard = shape.vocab_rows // layout.tp
     tokens = layout.micro_batch * layout.seq_len
-    target = min(CHUNK_BYTES_MAX, max(CHUNK_BYTES_MIN, logits_bytes(shape, layout) // CHUNK_FRACTION))
+    target = default_chunk_bytes(logits_bytes(shape, layout))
     rows = min(tokens, max(1, target // (4 * shard)))
     return rows * shard * 4
 

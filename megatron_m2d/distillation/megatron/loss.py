@@ -22,8 +22,8 @@ from torch import Tensor
 IGNORE_INDEX = -100  # a position without a next token (HF's convention)
 # One fp32 [chunk, vocab shard] tensor (forward and backward hold up to five at once): at most 1/8 of one model's
 # logits, so the loss's peak beyond the logits stays under 2x those logits (the bf16 gradient is 1x) at any size,
-# and at most 64 MiB (larger chunks gain nothing on a GPU); small inputs go in one piece.
-CHUNK_BYTES_MAX, CHUNK_BYTES_MIN, CHUNK_FRACTION = 64 << 20, 1 << 20, 8
+# and at most 64 MiB (larger chunks gain nothing on a GPU).
+CHUNK_BYTES_MAX, CHUNK_FRACTION = 64 << 20, 8
 
 
 def _all_reduce(t: Tensor, op, group) -> Tensor:
@@ -106,6 +106,12 @@ def _labels_here(labels: Tensor, vocab_start: int, valid: int) -> tuple[Tensor, 
     return here, torch.where(here, labels - vocab_start, 0)
 
 
+def default_chunk_bytes(logits_bytes: int) -> int:
+    """Bytes of one fp32 chunk for logits of `logits_bytes` (this rank's shard): see CHUNK_FRACTION. The
+    planner (planning/memory.py) sizes the loss's memory with this too."""
+    return min(CHUNK_BYTES_MAX, int(logits_bytes) // CHUNK_FRACTION)
+
+
 def kd_and_lm_per_token(student: Tensor, teacher: Tensor, labels: Tensor, temperature: float, vocab_size: int,
                         tp_rank: int = 0, group=None, chunk_bytes: int | None = None) -> tuple[Tensor, Tensor]:
     """Per-token T^2 x forward KL and next-token cross-entropy (0 where labels == IGNORE_INDEX), fp32 [N] each.
@@ -119,8 +125,7 @@ def kd_and_lm_per_token(student: Tensor, teacher: Tensor, labels: Tensor, temper
     vocab_start = tp_rank * shard
     valid = max(0, min(shard, vocab_size - vocab_start))
     if chunk_bytes is None:
-        logits_bytes = student.numel() * student.element_size()
-        chunk_bytes = min(CHUNK_BYTES_MAX, max(CHUNK_BYTES_MIN, logits_bytes // CHUNK_FRACTION))
+        chunk_bytes = default_chunk_bytes(student.numel() * student.element_size())
     chunk_rows = max(1, chunk_bytes // (4 * max(valid, 1)))
     return _KDAndLM.apply(student, teacher.detach(), labels, float(temperature), vocab_start, valid, group,
                           chunk_rows)
