@@ -246,3 +246,16 @@ def test_train_state_keeps_a_window_of_recent_losses():
     assert state.train["kd_loss"] == 150.0 and len(state.recent["kd_loss"]) == checkpointing.RECENT_STEPS
     assert state.recent_mean("kd_loss") == sum(range(51, 151)) / 100 and state.recent_mean("loss") is None
     assert TrainState.from_json(json.loads(json.dumps(asdict(state)))) == state
+
+
+def test_resuming_with_changed_settings_says_which_in_one_line(megatron_cpu, tmp_path, capfd):  # noqa: F811
+    student = build_student(tmp_path)
+    run = TinyTraining(student, seed=0)
+    run.step()
+    checkpointing.save_checkpoint(tmp_path / "ckpt", 1, [run.ddp], run.optimizer, run.scheduler, TrainState(step=1),
+                                  RunSettings(), student)
+    capfd.readouterr()
+    changed = RunSettings(keep_checkpoints=5, seed=3)  # keep_checkpoints changes nothing computed, the seed does
+    checkpointing.load_latest_checkpoint(tmp_path / "ckpt", [run.ddp], run.optimizer, run.scheduler, changed)
+    warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith("m2d: warning:")]
+    assert len(warnings) == 1 and "changed settings seed:" in warnings[0] and "keep_checkpoints" not in warnings[0]

@@ -43,9 +43,10 @@ COMMON_FILE, COMMON_OBJECT = "common.pt", "common_state/shard_0_1"  # megatron-c
 SHARDING = {"distrib_optim_sharding_type": "dp_reshardable", "chained_optim_avoid_prefix": True,
             "singleton_local_shards": False}
 RECENT_STEPS = 100  # train losses averaged for the model card's final value
-# Settings a resumed run may change without changing what the remaining steps compute
-RESUMABLE_CHANGES = {"steps", "save_every", "keep_checkpoints", "eval_every", "eval_iters", "log_every",
-                     "tensorboard", "wandb_project", "out", "decay"}
+# Settings a resumed run may change without changing what its training steps compute (not `steps`: the dataset's
+# sample order depends on the number of samples the run needs)
+RESUMABLE_CHANGES = {"save_every", "keep_checkpoints", "eval_every", "eval_iters", "log_every", "tensorboard",
+                     "wandb_project", "peak_tflops", "check_teacher", "export", "out", "make_vocab_size_divisible_by"}
 
 @dataclass
 class TrainState:
