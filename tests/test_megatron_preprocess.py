@@ -157,9 +157,9 @@ def test_oversized_document_is_refused(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--input", "missing-dir"], "input not found: missing-dir"),
-    (["--input", "{corpus}", "--workers", "0"], "--workers must be >= 1"),
-    (["--input", "{corpus}", "--tokenizer", "{corpus}"], "cannot load the tokenizer"),
+    (["--input", "missing-dir"], "--input missing-dir: no such file or directory"),  # the validation layer's
+    (["--input", "{corpus}", "--workers", "0"], "--workers must be at least 1"),
+    (["--input", "{corpus}", "--tokenizer", "{corpus}"], "has no tokenizer"),
     (["--input", "{empty}"], "hold no documents"),
     (["--input", "{corpus}", "--tokenizer", "{broken}"], "cannot load the tokenizer of"),
 ])

@@ -65,10 +65,10 @@ def test_plan_with_a_student_directory(tmp_path, capsys):
     (["--gpus", "8"], "--teacher is required"),
     (["--gpus", "8", "--teacher", str(TEACHER)], "give --student"),
     (["--gpus", "8", "--teacher", str(TEACHER), "--groups", "8", "--tp", "3"], "TP 3 does not divide"),
-    (["--gpus", "0", "--teacher", str(TEACHER), "--groups", "8"], "--gpus must be >= 1"),
+    (["--gpus", "0", "--teacher", str(TEACHER), "--groups", "8"], "--gpus must be at least 1"),
     (["--gpus", "8", "--teacher", str(TEACHER), "--groups", "200"], "--groups 200"),
-    (["--gpus", "8", "--teacher", "/nonexistent", "--groups", "8"], "neither m2d_convert.json nor config.json"),
-    (["--gpus", "8", "--teacher", str(TEACHER), "--groups", "8", "--mfu", "1.5"], "--mfu must lie in"),
+    (["--gpus", "8", "--teacher", "/nonexistent", "--groups", "8"], "no such model directory"),
+    (["--gpus", "8", "--teacher", str(TEACHER), "--groups", "8", "--mfu", "1.5"], "--mfu must be at most 1"),
 ])
 def test_bad_input_is_one_line(argv, message, capsys):
     assert main(["plan", *argv]) == 2

@@ -95,7 +95,7 @@ def matched_width(dense_config, target_params: int, multiple: int = 64) -> int:
 def d2d(model: str | Path, data: str, out: str | Path, width: int, tokens: int = 65536, seq_len: int = 512,
         batch_size: int = 8, device: str = "auto", dtype: str = "auto", seed: int = 0, overwrite: bool = False,
         progress: bool = True, importance: str = "minitron") -> Path:
-    out = check_output_path(out, overwrite)
+    out = check_output_path(out, overwrite, [("--model", model), ("--data", data)])
     ckpt = Checkpoint(model)
     config = ckpt.config
     if config.model_type in FAMILIES:

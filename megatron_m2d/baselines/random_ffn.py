@@ -20,12 +20,14 @@ def random_ffn(model: str | Path, out: str | Path, groups: int | None = None, se
                overwrite: bool = False, progress: bool = True) -> Path:
     """Dense student of `model` (same class and width as `m2d densify --groups k` writes) whose FFNs are
     drawn from N(0, initializer_range^2), transformers' own initialisation of Linear layers."""
-    out = check_output_path(out, overwrite)
+    out = check_output_path(out, overwrite, [("--model", model)])
     ckpt = Checkpoint(model)
     family = family_of(ckpt.config)
-    groups = groups or family.top_k(ckpt.config)
+    groups = family.top_k(ckpt.config) if groups is None else groups
     if groups < 1:
         raise M2DError("--groups must be at least 1")
+    if groups > family.num_experts(ckpt.config):  # densify's k <= K <= E, so the widths compare
+        raise M2DError(f"--groups {groups} exceeds the {family.num_experts(ckpt.config)} experts per layer")
     _, width = dense_width(family, ckpt.config, groups)
     hidden, std = ckpt.config.hidden_size, float(getattr(ckpt.config, "initializer_range", 0.02))
 

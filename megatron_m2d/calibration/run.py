@@ -20,13 +20,14 @@ from tqdm.auto import tqdm
 
 from megatron_m2d import __version__
 from megatron_m2d.calibration.statistics import MoEStatistics
-from megatron_m2d.calibration.store import FORMAT_VERSION, META, Statistics, layer_file, model_fingerprint
+from megatron_m2d.calibration.store import (FORMAT_VERSION, META, Statistics, check_finite, layer_file,
+                                             model_fingerprint)
 from megatron_m2d.calibration.streaming import LayerStreamer
 from megatron_m2d.data.text import token_blocks
 from megatron_m2d.errors import M2DError
 from megatron_m2d.families import family_of
 from megatron_m2d.io.checkpoint import Checkpoint, load_tokenizer
-from megatron_m2d.io.writer import check_output_path, ordinary_permissions, write_json
+from megatron_m2d.io.writer import check_output_path, ordinary_permissions, remove, write_json
 
 HIDDEN = "hidden.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -50,9 +51,10 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 def calibrate(model: str | Path, data: str, out: str | Path, tokens: int = 65536, seq_len: int = 512,
               batch_size: int = 8, gram: bool = False, device: str = "auto", dtype: str = "auto", seed: int = 0,
-              overwrite: bool = False, progress: bool = True) -> Statistics:
-    """Record the routing statistics of every MoE layer of `model` over `tokens` tokens of `data`."""
-    out = check_output_path(out, overwrite)
+              overwrite: bool = False, progress: bool = True, reuse: bool = False) -> Statistics:
+    """Record the routing statistics of every MoE layer of `model` over `tokens` tokens of `data`. With `reuse`,
+    finished statistics of the same request already at `out` are returned as they are."""
+    out = check_output_path(out, overwrite, [("--model", model), ("--data", data)])
     ckpt = Checkpoint(model)
     family = family_of(ckpt.config)
     family.check_experts(ckpt)
@@ -69,7 +71,27 @@ def calibrate(model: str | Path, data: str, out: str | Path, tokens: int = 65536
         "num_experts": family.num_experts(config), "top_k": family.top_k(config),
         "renormalizes": family.renormalizes(config), "routed_scaling": family.routed_scaling(config),
     }
+    if reuse and _same_request(out, run, complete=True):
+        return Statistics(out)
     work = out.parent / f".{out.name}.partial"
+    try:
+        _run_layers(ckpt, family, blocks, batch_size, device, torch_dtype, gram, run, work, progress)
+    except Exception:  # a refused or failed run leaves nothing; a killed one keeps `work` to resume from
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    remove(out)
+    os.replace(work, out)
+    if progress:
+        meta = json.loads((out / META).read_text())
+        layers_done = meta["layers_run"]
+        rate = run["tokens"] * layers_done / config.num_hidden_layers / max(meta["seconds"], 1e-9)
+        print(f"calibrated {run['tokens']} tokens through {layers_done} layers in {meta['seconds']:.1f} s "
+              f"({rate:,.0f} tokens/s) -> {out}")
+    return Statistics(out)
+
+
+def _run_layers(ckpt, family, blocks, batch_size, device, torch_dtype, gram, run, work: Path, progress) -> None:
+    config = ckpt.config
     start_layer, hidden = _resume(work, run)
     if start_layer == 0:
         shutil.rmtree(work, ignore_errors=True)
@@ -95,23 +117,14 @@ def calibrate(model: str | Path, data: str, out: str | Path, tokens: int = 65536
         streamer.forward_layer(layer, index, hidden, kwargs)
         if stats is not None:
             hook.remove()
+            check_finite(stats.sums, index, ckpt.path)
             save_file(stats.sums, work / layer_file(index))
         del layer
         _checkpoint_hidden(work, hidden, index + 1)
     elapsed = time.perf_counter() - started
     (work / HIDDEN).unlink(missing_ok=True)
-    write_json(work / META, {**run, "complete": True, "seconds": round(elapsed, 2)})
-    if out.exists():
-        shutil.rmtree(out)
-    ordinary_permissions(work)
-    os.replace(work, out)
-    if progress:
-        layers_done = config.num_hidden_layers - start_layer
-        rate = run["tokens"] * layers_done / config.num_hidden_layers / max(elapsed, 1e-9)
-        print(f"calibrated {run['tokens']} tokens through {layers_done} layers in {elapsed:.1f} s "
-              f"({rate:,.0f} tokens/s) -> {out}")
-    return Statistics(out)
-
+    write_json(work / META, {**run, "complete": True, "seconds": round(elapsed, 2),
+                             "layers_run": config.num_hidden_layers - start_layer})
 
 
 def _checkpoint_hidden(work: Path, hidden: list[torch.Tensor], next_layer: int) -> None:
@@ -121,12 +134,20 @@ def _checkpoint_hidden(work: Path, hidden: list[torch.Tensor], next_layer: int) 
     os.replace(tmp, work / HIDDEN)
 
 
+def _same_request(directory: Path, run: dict, complete: bool) -> bool:
+    try:
+        meta = json.loads((directory / META).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and bool(meta.get("complete")) == complete and \
+        all(meta.get(key) == value for key, value in run.items())
+
+
 def _resume(work: Path, run: dict) -> tuple[int, list[torch.Tensor] | None]:
     """(first layer to run, saved hidden states) when `work` holds an unfinished run of the same request."""
+    if not _same_request(work, run, complete=False):
+        return 0, None
     try:
-        meta = json.loads((work / META).read_text())
-        if any(meta.get(key) != value for key, value in run.items()):
-            return 0, None
         from safetensors import safe_open
 
         with safe_open(work / HIDDEN, framework="pt") as handle:

@@ -30,6 +30,13 @@ def layer_file(layer: int) -> str:
     return f"layer_{layer:03d}.safetensors"
 
 
+def check_finite(sums: dict[str, torch.Tensor], layer: int, source) -> None:
+    """Statistics with NaN or inf are an error, never a result: densify would rank experts by them silently."""
+    for name, value in sums.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise M2DError(f"{source}: statistic {name} of layer {layer} holds NaN or infinite values")
+
+
 def model_fingerprint(ckpt, family) -> str:
     """Identifies the teacher: architecture plus the bytes of the first MoE router (cheap to read, and any
     other trained model has other router weights)."""
@@ -127,6 +134,24 @@ class LayerStats:
         return float(self.sums["shared_gate_sum"] / self.tokens)
 
 
+def _check_layout(sums: dict[str, torch.Tensor], layer: int, source) -> None:
+    """Shapes every statistic of one layer must agree on (E experts): a damaged or foreign file is refused."""
+    count, tokens = sums.get("count"), sums.get("tokens")
+    if count is None or count.dim() != 1 or tokens is None or tokens.dim() != 0 or not float(tokens) > 0:
+        raise M2DError(f"{source}: layer {layer} statistics lack per-expert counts or a positive token count")
+    from megatron_m2d.calibration.statistics import MoEStatistics
+
+    absent = sorted(set(MoEStatistics(2, 1, 1, gram=False).sums) - set(sums))  # what every calibration records
+    if absent:
+        raise M2DError(f"{source}: layer {layer} statistics lack {', '.join(absent)}; calibrate again")
+    experts = count.numel()
+    for name, value in sums.items():
+        square = "gram" in name or "outer" in name
+        if value.dim() and (value.shape[0] != experts or (square and tuple(value.shape) != (experts, experts))):
+            raise M2DError(f"{source}: layer {layer} statistic {name} has shape {tuple(value.shape)}, not one row "
+                           f"per expert of {experts}")
+
+
 class Statistics:
     """A finished statistics directory."""
 
@@ -137,8 +162,12 @@ class Statistics:
             raise M2DError(f"{self.path} is not a statistics directory (no {META})")
         try:
             self.meta = json.loads(meta.read_text())
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             raise M2DError(f"corrupt {meta}") from None
+        layers, top_k = (self.meta.get(k) if isinstance(self.meta, dict) else None for k in ("moe_layers", "top_k"))
+        if not isinstance(layers, list) or not all(type(i) is int and i >= 0 for i in layers) \
+                or type(top_k) is not int or top_k < 1:
+            raise M2DError(f"corrupt {meta}: it needs moe_layers (layer numbers) and top_k (>= 1)")
         if not self.meta.get("complete"):
             raise M2DError(f"statistics in {self.path} are incomplete; rerun calibrate to finish them")
         self._cache: dict[int, LayerStats] = {}
@@ -153,6 +182,8 @@ class Statistics:
                 sums = load_file(self.path / layer_file(index))
             except (SafetensorError, FileNotFoundError, OSError) as exc:
                 raise M2DError(f"cannot read statistics of layer {index} in {self.path}: {exc}") from None
+            _check_layout(sums, index, self.path)
+            check_finite(sums, index, self.path)
             self._cache[index] = LayerStats(index, sums, int(self.meta["top_k"]))
         return self._cache[index]
 

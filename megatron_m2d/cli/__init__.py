@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from megatron_m2d import __version__
 from megatron_m2d.cli.common import Parser, quiet_libraries
 from megatron_m2d.errors import M2DError
+from megatron_m2d.validation import validate
 
 # in the order `m2d --help` lists them: the pipeline, then the tools around it
 COMMAND_MODULES = ("calibrate", "densify", "baselines", "evaluate", "preprocess", "distill", "plan", "convert", "demo")
@@ -28,15 +30,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
+    validate(args)
     args.handler(args)
 
 
+def _fail(message: str, code: int) -> int:
+    print("m2d: error: " + " ".join(str(message).split()), file=sys.stderr)  # one line, always
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit 0 on success; 2 and one line on bad input or a failing environment (an OSError names the file);
+    1 and one line on anything unforeseen (M2D_TRACEBACK=1 shows where), 130 on Ctrl-C."""
     quiet_libraries()
-    args = build_parser().parse_args(argv)
     try:
-        run(args)
+        run(build_parser().parse_args(argv))
     except M2DError as exc:
-        print(f"m2d: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc), 2)
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        return _fail(f"{exc.strerror or exc}{where}", 2)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except Exception as exc:  # noqa: BLE001 -- users get one line; developers ask for the traceback
+        if os.environ.get("M2D_TRACEBACK"):
+            raise
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return _fail(f"unexpected {type(exc).__name__}: {text} (a bug in m2d: please report it with the command; "
+                     "M2D_TRACEBACK=1 prints where it happened)", 1)
     return 0

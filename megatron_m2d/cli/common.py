@@ -23,11 +23,17 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    """The parser of `m2d` and of every subcommand (add_subparsers passes its class on): defaults in --help."""
+    """The parser of `m2d` and of every subcommand (add_subparsers passes its class on): defaults in --help,
+    and usage errors as one line like every other m2d error."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        from megatron_m2d.errors import M2DError
+
+        raise M2DError(f"{self.prog.removeprefix('m2d ')}: {message} (see `{self.prog} --help`)")
 
 
 def calibration_flags(parser: argparse.ArgumentParser, data_required: bool, gram: bool = True,

@@ -146,7 +146,7 @@ def hf_to_megatron_checkpoint(model: str | Path, out: str | Path, parallel: Para
                               overwrite: bool = False, vocab_divisible_by: int = 128, progress: bool = True) -> Path:
     """Convert a HF checkpoint (teacher or densified student) to a Megatron-Core `torch_dist` checkpoint plus
     `m2d_convert.json`, streaming one parameter at a time."""
-    out = check_output_path(out, overwrite)
+    out = check_output_path(out, overwrite, [("--model", model)])
     ckpt = Checkpoint(model)
     config, dtype = ckpt.config, ckpt.dtype()
     vocab_rows = padded_vocab(config, vocab_divisible_by)
@@ -204,7 +204,7 @@ def megatron_to_hf_checkpoint(checkpoint: str | Path, out: str | Path, overwrite
     safetensors, one decoder layer in memory at a time. `write_card(directory)` writes the model card (and any
     record beside it) into the output before it is renamed into place; by default a card saying where it came
     from (a distillation checkpoint's export adds its record: distillation.megatron.export)."""
-    checkpoint, out = Path(checkpoint), check_output_path(out, overwrite)
+    checkpoint, out = Path(checkpoint), check_output_path(out, overwrite, [("--model", checkpoint)])
     provider = read_provider_config(checkpoint)
     config, dtype = provider.hf_config, provider.dtype
     reader = ChunkReader(checkpoint)

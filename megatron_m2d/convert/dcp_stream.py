@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
@@ -181,9 +182,16 @@ def save_streaming(path: Path, chunks: list[Chunk], objects: list[ObjectChunk],
     import torch.distributed.checkpoint as dcp
 
     path.mkdir(parents=True, exist_ok=True)
-    dcp.save({}, storage_writer=_BoundedFileWriter(path, max_file_bytes),
-             planner=_StreamingSavePlanner(chunks, objects, compute), process_group=process_group,
-             no_dist=process_group is None)
+    try:
+        dcp.save({}, storage_writer=_BoundedFileWriter(path, max_file_bytes),
+                 planner=_StreamingSavePlanner(chunks, objects, compute), process_group=process_group,
+                 no_dist=process_group is None)
+    except CheckpointException as exc:  # DCP wraps what `compute` raised (a NaN weight): the user needs that line
+        for failure in exc.failures.values():
+            original = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(original, M2DError):
+                raise M2DError(str(original)) from None
+        raise
     rank = torch.distributed.get_rank(process_group) if process_group is not None else 0
     if rank == 0:
         (path / "metadata.json").write_text(json.dumps(MEGATRON_BACKEND))

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from megatron_m2d.convert.parallel import ParallelSizes
-from megatron_m2d.errors import M2DError
+from megatron_m2d.errors import M2DError, one_line
 
 META = "m2d_convert.json"
 FORMAT = "m2d-megatron/2"
@@ -47,12 +47,20 @@ def read_provider_config(checkpoint: str | Path) -> ProviderConfig:
     except (OSError, json.JSONDecodeError):
         raise M2DError(f"{checkpoint} is not a checkpoint written by `m2d convert hf-to-megatron` "
                        f"(no {META})") from None
-    if meta.get("format") != FORMAT:
-        raise M2DError(f"{path}: format {meta.get('format')!r}, this version reads {FORMAT!r}; convert again")
-    values = dict(meta["hf_config"])
-    config = AutoConfig.for_model(values.pop("model_type"), **values)
-    return ProviderConfig(config, ParallelSizes(**meta["parallel"]), int(meta["vocab_rows"]),
-                          getattr(torch, meta["dtype"]), dict(meta.get("hf_dtypes", {})))
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise M2DError(f"{path}: format {found!r}, this version reads {FORMAT!r}; convert again")
+    try:
+        values = dict(meta["hf_config"])
+        config = AutoConfig.for_model(values.pop("model_type"), **values)
+        dtypes = {name: getattr(torch, value) for name, value in
+                  {"": meta["dtype"], **dict(meta.get("hf_dtypes", {}))}.items()}
+        if not all(isinstance(t, torch.dtype) for t in dtypes.values()):
+            raise ValueError("a dtype is not a torch dtype name")
+        return ProviderConfig(config, ParallelSizes(**meta["parallel"]), int(meta["vocab_rows"]), dtypes[""],
+                              {k: v for k, v in dict(meta.get("hf_dtypes", {})).items()})
+    except Exception as exc:  # noqa: BLE001 -- a hand-edited or damaged file: say so in one line
+        raise M2DError(f"{path} is corrupt ({one_line(exc)}); convert the model again") from None
 
 
 def model_provider(checkpoint: str | Path, params_dtype: torch.dtype | None = None, parallel_output: bool = True,

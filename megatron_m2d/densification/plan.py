@@ -77,6 +77,8 @@ def plan_layer(stats: LayerStats, method: Method, features: GroupingFeatures, ro
                fold_shared_gate: bool = False) -> LayerPlan:
     stats = dataclasses.replace(stats, cp=method.cp)
     selection = score_layer(stats, method.scoring, method.select, method.groups, method.kernel, method.seed)
+    if not torch.isfinite(selection.importance).all():  # NaN scores would keep experts 0..K-1 silently
+        raise M2DError(f"layer {stats.layer}: scoring {method.scoring} gave NaN or infinite expert importance")
     groups = group_experts(selection.experts, method.groups, method.grouping, features)
     weights = [merge_weights(selection.importance, g).tolist() for g in groups]
     scales = group_scales(groups, stats.postselect_prob, method.scaling, routed_scaling,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from megatron_m2d.errors import M2DError
 from megatron_m2d.families import family_of
 from megatron_m2d.io.checkpoint import Checkpoint
 from megatron_m2d.io.model_card import public_name, write_card
-from megatron_m2d.io.writer import DEFAULT_SHARD_BYTES, atomic_directory, check_output_path, write_json
+from megatron_m2d.io.writer import (DEFAULT_SHARD_BYTES, atomic_directory, check_output_path, removed_on_error,
+                                    write_json)
 
 PLAN_FILE = "m2d_plan.json"
 STATS_DIR = "m2d_stats"
@@ -67,7 +69,7 @@ def densify(model: str | Path, out: str | Path, scoring: str, select: int | None
     """Densify `model` into `out`. Defaults: k = the model's top-k, K = k. `method_options` are the other
     fields of `Method` (grouping, scaling, merge, merge_alpha, kernel, seed). Without `stats`, calibrates on
     `data` first (keyword arguments of `calibrate` in `calibration`) and keeps the statistics in out/m2d_stats."""
-    out = check_output_path(out, overwrite)
+    out = check_output_path(out, overwrite, [("--model", model), ("--stats", stats), ("--data", data)])
     ckpt = Checkpoint(model)
     family = family_of(ckpt.config)
     family.check_experts(ckpt)
@@ -79,12 +81,16 @@ def densify(model: str | Path, out: str | Path, scoring: str, select: int | None
     if stats is None and data is None:
         raise M2DError("densify needs --stats, or --data to calibrate first")
 
-    with atomic_directory(out, overwrite) as tmp:
+    # statistics calibrated here are written beside `out`, not inside its temporary sibling: a killed run's are
+    # resumed by the rerun, and moved into out/m2d_stats once the student is written
+    calibrated = out.parent / f".{out.name}.{STATS_DIR}"
+    with atomic_directory(out, overwrite) as tmp, removed_on_error(calibrated):
         if stats is None:
             calibration = dict(calibration or {})
             if needs_all_token_pass(method):
                 calibration["gram"] = True
-            statistics = calibrate(model, data, tmp / STATS_DIR, progress=progress, **calibration)
+            statistics = calibrate(model, data, calibrated, progress=progress, overwrite=True, reuse=True,
+                                   **calibration)
         else:
             statistics = Statistics(stats)
         statistics.check_matches(fingerprint, model)
@@ -105,6 +111,8 @@ def densify(model: str | Path, out: str | Path, scoring: str, select: int | None
         }
         write_json(tmp / PLAN_FILE, plan)
         write_card(tmp, densify_card(plan, tmp, out.name, Path(model)))
+        if stats is None:
+            os.replace(calibrated, tmp / STATS_DIR)
     if progress:
         print(f"wrote {export['architecture']} (FFN width {export['width']}, {export['bytes'] / 1e6:.1f} MB) -> {out}")
     return DensifyResult(out, plan)

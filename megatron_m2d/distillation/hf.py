@@ -14,6 +14,8 @@ import collections
 import contextlib
 import json
 import os
+import shutil
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -25,7 +27,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from megatron_m2d.data.text import token_blocks
-from megatron_m2d.distillation.state import (SCHEDULES, latest_checkpoint, learning_rate, load_training_state,
+from megatron_m2d.distillation.state import (SCHEDULES, checkpoints_newest_first, keep_log_until, learning_rate,
+                                             load_training_state, read_step, remove_unfinished,
                                              save_training_state)
 from megatron_m2d.errors import M2DError
 from megatron_m2d.evaluation.perplexity import load_model
@@ -33,6 +36,7 @@ from megatron_m2d.io.checkpoint import load_tokenizer
 from megatron_m2d.io.model_card import (Distillation, add_distillation, new_card, public_name, read_card,
                                          weights_dtype, write_card)
 from megatron_m2d.io.writer import atomic_directory
+from megatron_m2d.validation import check_output
 
 
 @dataclass
@@ -122,21 +126,19 @@ def distill(teacher: str | Path, student: str | Path, data: str, out: str | Path
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     out = Path(out)
+    check_output(out, [("--teacher", teacher), ("--student", student), ("--data", data)])
     checkpoints = out / "checkpoints"
     torch.manual_seed(config.seed)
     teacher_model, tokenizer = load_model(teacher, device, dtype)
     set_teacher_top_k(teacher_model, config.teacher_top_k)
     for p in teacher_model.parameters():
         p.requires_grad_(False)
-    resume_from = latest_checkpoint(checkpoints)
-    student_model, _ = load_model(resume_from or student, device, torch.float32)
+    student_model, optimizer, resume_from = _load_student(checkpoints, student, device, config, rank)
+    start = read_step(resume_from) if resume_from else 0
     student_tokenizer = load_tokenizer(student)
     if len(student_tokenizer) != len(tokenizer) or student_model.config.vocab_size != teacher_model.config.vocab_size:
         raise M2DError("teacher and student have different vocabularies")
     student_model.train()
-    optimizer = torch.optim.AdamW(student_model.parameters(), lr=config.lr, betas=(0.9, 0.95),
-                                  weight_decay=config.weight_decay)
-    start = load_training_state(resume_from, optimizer)["step"] if resume_from else 0
     if resume_from and rank == 0 and progress:
         print(f"resuming from {resume_from} at step {start}")
     model = torch.nn.parallel.DistributedDataParallel(student_model) if world > 1 else student_model
@@ -144,8 +146,10 @@ def distill(teacher: str | Path, student: str | Path, data: str, out: str | Path
     blocks = token_blocks(tokenizer, data, config.train_tokens, config.seq_len, config.seed, role="train")
     per_step = config.micro_batch * config.grad_accum * world
     decay = config.decay or max(1, config.steps // 10)
+    created = rank == 0 and not out.exists()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        keep_log_until(out / "log.jsonl", start)  # a resumed run redoes the steps after its checkpoint
         (out / "distill_config.json").write_text(json.dumps(
             {**asdict(config), "teacher": str(teacher), "student": str(student), "data": data, "world": world,
              "train_blocks": len(blocks)}, indent=1))
@@ -172,6 +176,8 @@ def distill(teacher: str | Path, student: str | Path, data: str, out: str | Path
                 loss, kd, lm = micro_batch_loss(logits, teacher_logits, micro, config.temperature, config.kd_weight)
                 (loss / config.grad_accum).backward()
             totals += torch.tensor([loss.item(), kd.item(), lm.item()], dtype=torch.float64) / config.grad_accum
+            if not torch.isfinite(totals).all():
+                _stop_on_non_finite(step, teacher_logits, logits, totals, checkpoints, out, created)
         if config.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(student_model.parameters(), config.clip_grad)
         optimizer.step()
@@ -203,6 +209,41 @@ def distill(teacher: str | Path, student: str | Path, data: str, out: str | Path
     if dist.is_initialized():
         dist.barrier()
     return {"steps": config.steps, "tokens": per_step * config.seq_len * config.steps, "model": str(out / "model")}
+
+
+def _load_student(checkpoints: Path, student, device: str, config: DistillConfig, rank: int):
+    """(student, AdamW, checkpoint resumed from): the newest readable checkpoint, or the student at step 0.
+    An unreadable checkpoint (a crash mid-copy, a corrupt disk) is skipped with a warning for the one before."""
+    if rank == 0:
+        remove_unfinished(checkpoints)
+    for candidate in [*checkpoints_newest_first(checkpoints), None]:
+        try:
+            model, _ = load_model(candidate or student, device, torch.float32)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95),
+                                          weight_decay=config.weight_decay)
+            if candidate is not None:
+                load_training_state(candidate, optimizer)
+            return model, optimizer, candidate
+        except M2DError as exc:
+            if candidate is None:
+                raise
+            if rank == 0:
+                print(f"m2d: warning: skipping unreadable checkpoint {candidate} ({exc}); trying the one before",
+                      file=sys.stderr)
+
+
+def _stop_on_non_finite(step: int, teacher_logits, logits, totals, checkpoints: Path, out: Path,
+                        remove_run: bool) -> None:
+    """NaN/inf is an error, never a result: stop before the optimizer step, so the last checkpoint stays the
+    last good one (a run that saved none, started here, leaves nothing)."""
+    what = ("teacher logits" if not torch.isfinite(teacher_logits).all() else
+            "student logits" if not torch.isfinite(logits).all() else "loss")
+    last = next(iter(checkpoints_newest_first(checkpoints)), None)
+    if remove_run and last is None:
+        shutil.rmtree(out, ignore_errors=True)
+    raise M2DError(f"step {step + 1}: the {what} became NaN or infinite (loss {totals[0]:g}, kd {totals[1]:g}, "
+                   f"lm {totals[2]:g}); stopped, " + (f"the last good checkpoint is {last}" if last else
+                                                      "no checkpoint had been saved"))
 
 
 def _global_batch(blocks: torch.Tensor, step: int, per_step: int, seed: int) -> torch.Tensor:

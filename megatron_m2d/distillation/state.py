@@ -13,10 +13,11 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from megatron_m2d.errors import M2DError
-from megatron_m2d.io.writer import ordinary_permissions
+from megatron_m2d.io.writer import ordinary_permissions, write_text_atomically
 
 SCHEDULES = ("wsd", "cosine", "constant")
 
@@ -66,25 +67,54 @@ def save_training_state(directory: Path, model, optimizer: torch.optim.Optimizer
 
 
 def load_training_state(directory: Path, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore AdamW moments into `optimizer` (whose param groups are already set); returns the JSON state."""
+    """Restore AdamW moments into `optimizer` (whose param groups are already set); returns the JSON state.
+    Anything unreadable or not matching the optimizer is one M2DError (the caller falls back a checkpoint)."""
     try:
         meta = json.loads((directory / "trainer_state.json").read_text())
         tensors = load_file(directory / "optimizer.safetensors")
-    except (OSError, json.JSONDecodeError) as exc:
-        raise M2DError(f"cannot resume from {directory}: {exc}") from None
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    for key, value in meta["scalars"].items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = torch.tensor(value)
-    current = optimizer.state_dict()
-    optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+        state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+        for key, value in meta["scalars"].items():
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = torch.tensor(value)
+        if not all(torch.isfinite(v).all() for moments in state.values() for v in moments.values()):
+            raise ValueError("non-finite optimizer state")
+        current = optimizer.state_dict()
+        optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+        if int(meta["step"]) < 1:
+            raise ValueError(f"step {meta['step']}")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, SafetensorError) as exc:
+        raise M2DError(f"cannot resume from {directory}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
     return meta
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
-                   and (p / "trainer_state.json").exists())
-    return steps[-1] if steps else None
+def read_step(directory: Path) -> int:
+    return int(json.loads((directory / "trainer_state.json").read_text())["step"])
+
+
+def checkpoints_newest_first(root: Path) -> list[Path]:
+    """Finished checkpoints (`step_N` with their state file), newest first."""
+    return sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
+                   and (p / "trainer_state.json").exists()), reverse=True)
+
+
+def remove_unfinished(root: Path) -> None:
+    """`step_N.tmp` directories a killed run was writing: never resumed from, so never left behind."""
+    for tmp in root.glob("step_*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def keep_log_until(log: Path, step: int) -> None:
+    """Drop the rows of steps after `step` (those a resumed run redoes), so every step has one row."""
+    if not log.exists():
+        return
+    rows = []
+    for line in log.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                rows.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a row cut short by a kill
+    write_text_atomically(log, "".join(row + "\n" for row in rows))

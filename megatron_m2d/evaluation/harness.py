@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from megatron_m2d.errors import M2DError
+from megatron_m2d.errors import M2DError, one_line
 from megatron_m2d.io.model_card import Evaluation
 
 
@@ -30,10 +30,14 @@ def run_tasks(model_dir, tasks: list[str], include_path: str | None = None, limi
     model_dir = Path(model_dir).resolve()
     # datasets resolves a task's relative data_files against the working directory: run inside the task
     # folder so that local YAML tasks can name their JSON files relative to themselves.
-    with contextlib.chdir(include_path or "."):
-        results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype=float32",
-                                          tasks=tasks, task_manager=manager, limit=limit,
-                                          num_fewshot=num_fewshot, batch_size=batch_size, device=device)
+    try:
+        with contextlib.chdir(include_path or "."):
+            results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype=float32",
+                                              tasks=tasks, task_manager=manager, limit=limit,
+                                              num_fewshot=num_fewshot, batch_size=batch_size, device=device)
+    except Exception as exc:  # noqa: BLE001 -- lm-eval and the hub raise anything; offline is the usual cause
+        raise M2DError(f"lm-eval could not run {', '.join(tasks)}: {one_line(exc, 200)} (offline? hub tasks "
+                       "download their data; local YAML tasks run with --include-path)") from None
     return {task: {metric.split(",")[0]: value for metric, value in scores.items()
                    if isinstance(value, (int, float)) and not metric.startswith("alias")}
             for task, scores in results["results"].items()}

@@ -15,11 +15,13 @@ import math
 
 import torch
 from transformers import AutoModelForCausalLM
+from transformers.utils import logging as transformers_logging
 
 from megatron_m2d.data.text import token_stream
 from megatron_m2d.errors import M2DError
 from megatron_m2d.io.checkpoint import load_tokenizer
 from megatron_m2d.io.model_card import Evaluation, public_name
+from megatron_m2d.io.model_checks import check_hf_model
 
 METHODS = ("nonoverlapping", "sliding")
 # what a reader of a model card should read for the named sources' eval splits
@@ -60,7 +62,7 @@ def stream_perplexity(model, stream: torch.Tensor, seq_len: int = 256, batch_siz
             nll, count = _window_nll(model, batch.to(device), 0)
             total_nll, total_tokens = total_nll + nll, total_tokens + count
     else:
-        stride = stride or seq_len // 2
+        stride = seq_len // 2 if stride is None else stride
         if not 0 < stride <= seq_len:
             raise M2DError("--stride must lie in [1, seq_len]")
         scored_until = 0  # tokens [1, scored_until] already scored
@@ -74,14 +76,32 @@ def stream_perplexity(model, stream: torch.Tensor, seq_len: int = 256, batch_siz
             if end == len(stream):
                 break
     mean = total_nll / total_tokens
-    return {"ppl": math.exp(mean), "nll": mean, "tokens": total_tokens, "method": method}
+    if not math.isfinite(mean):  # a score is never NaN: name the cause instead
+        raise M2DError(f"the model's logits are NaN or infinite on the eval data (mean NLL {mean})")
+    return {"ppl": math.exp(mean) if mean < 700 else math.inf, "nll": mean, "tokens": total_tokens,
+            "method": method}
 
 
 def load_model(model_dir, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """A HF model from a local safetensors checkpoint (never a pickle) whose every weight was in the checkpoint
+    (transformers would re-initialise a missing one with a warning) and finite."""
+    check_hf_model(model_dir)  # the checks and messages every command applies to a model directory
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # its load report would repeat, over many lines, what we say in one
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    except (OSError, ValueError) as exc:
-        raise M2DError(f"cannot load {model_dir}: {str(exc).splitlines()[0]}") from None
+        model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True,
+                                                           output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise M2DError(f"cannot load {model_dir}: {str(exc).strip().splitlines()[0]}") from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    missing = list(info.get("missing_keys") or []) + [str(k) for k in info.get("mismatched_keys") or []]
+    if missing:
+        raise M2DError(f"{model_dir}: weights missing or misshapen in the checkpoint: {', '.join(missing[:3])}")
+    model = model.to(device).eval()
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise M2DError(f"{model_dir}: weight {name} holds NaN or infinite values")
     return model, load_tokenizer(model_dir)
 
 

@@ -14,12 +14,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, PretrainedConfig
 
-from megatron_m2d.errors import M2DError
+from megatron_m2d.errors import M2DError, one_line
 from megatron_m2d.io import mxfp4
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+# the one-line conversion of a pickled checkpoint, for users who trust it (transformers loads it with torch's
+# weights_only unpickler)
+TO_SAFETENSORS = ("python -c \"import transformers as t; t.AutoModelForCausalLM.from_pretrained('{src}')"
+                  ".save_pretrained('{src}-safetensors')\"")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
 
 
@@ -30,17 +34,21 @@ class Checkpoint:
         self.path = Path(path)
         if not self.path.is_dir():
             raise M2DError(f"model directory not found: {self.path}")
-        if not (self.path / "config.json").is_file():
-            raise M2DError(f"{self.path} has no config.json: not a HF model directory")
-        try:
-            self.config: PretrainedConfig = AutoConfig.from_pretrained(self.path)
-        except (ValueError, KeyError, OSError, json.JSONDecodeError) as exc:
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise M2DError(f"cannot read the config of {self.path}: {first_line}") from None
+        self.config: PretrainedConfig = self.read_config(self.path)
         self.key_to_file = self._index()
         self._files = dict(self.key_to_file)
         self._handles: dict[str, object] = {}
         self._quantised = self._mxfp4_stacks()
+
+    @staticmethod
+    def read_config(path: Path) -> PretrainedConfig:
+        """The config of a HF model directory, or one line saying why it cannot be read."""
+        if not (path / "config.json").is_file():
+            raise M2DError(f"{path} has no config.json: not a HF model directory")
+        try:
+            return AutoConfig.from_pretrained(path)
+        except Exception as exc:  # noqa: BLE001 -- transformers' config validators raise their own error types
+            raise M2DError(f"cannot read the config of {path}: {one_line(exc)}") from None
 
     def _index(self) -> dict[str, str]:
         index = self.path / INDEX_NAME
@@ -49,16 +57,22 @@ class Checkpoint:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as exc:
                 raise M2DError(f"corrupt {index}: {exc}") from None
-            for name in sorted(set(weight_map.values())):
-                self._check_shard(self.path / name)
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) and Path(v).name == v for k, v in weight_map.items()):
+                raise M2DError(f"corrupt {index}: weight_map must map tensor names to shard files of this folder")
+            held = {name: set(self._check_shard(self.path / name)) for name in sorted(set(weight_map.values()))}
+            absent = [key for key, name in weight_map.items() if key not in held[name]]
+            if absent:
+                raise M2DError(f"{index} lists {absent[0]} in {weight_map[absent[0]]}, which does not hold it "
+                               f"({len(absent)} such tensors)")
             return dict(weight_map)
         single = self.path / SINGLE_NAME
         if single.is_file():
             keys = self._check_shard(single)
             return {key: SINGLE_NAME for key in keys}
         if any((self.path / name).exists() for name in PICKLE_WEIGHTS):
-            raise M2DError(f"{self.path} holds pickled weights only; convert them to safetensors first "
-                           "(we never unpickle user files)")
+            raise M2DError(f"{self.path} holds pickled weights only, which m2d never unpickles; if you trust them, "
+                           f"convert them to safetensors with: {TO_SAFETENSORS.format(src=self.path)}")
         raise M2DError(f"{self.path} has no {SINGLE_NAME} or {INDEX_NAME}")
 
     @staticmethod
@@ -117,8 +131,8 @@ class Checkpoint:
         # page read from that shard resident, so a streaming reader would slowly map the whole model.
         try:
             if key in self._quantised:
-                return self._dequantised(key)
-            return self._handle(key).get_tensor(key).clone()
+                return self._finite(key, self._dequantised(key))
+            return self._finite(key, self._handle(key).get_tensor(key).clone())
         except SafetensorError as exc:
             raise M2DError(f"cannot read {key} from {self.path}: {str(exc).splitlines()[0]}") from None
 
@@ -130,10 +144,16 @@ class Checkpoint:
                            "disagree)")
         try:
             if key in self._quantised:
-                return self._dequantised(key, index)
-            return self._handle(key).get_slice(key)[index].clone()
+                return self._finite(f"{key}[{index}]", self._dequantised(key, index))
+            return self._finite(f"{key}[{index}]", self._handle(key).get_slice(key)[index].clone())
         except SafetensorError as exc:
             raise M2DError(f"cannot read {key}[{index}] from {self.path}: {str(exc).splitlines()[0]}") from None
+
+    def _finite(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Weights with NaN or inf are refused where they are read, named by their key (which names the layer)."""
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise M2DError(f"{self.path}: weight {key} holds NaN or infinite values")
+        return tensor
 
     def dtype(self) -> torch.dtype:
         """The on-disk dtype of the weights (that of the embedding matrix)."""

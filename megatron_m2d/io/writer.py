@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import glob
 import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import save_file
 
 from megatron_m2d.errors import M2DError
+from megatron_m2d.validation import check_output
 
 # A shard is assembled in memory before it is written (safetensors puts the header first), so the shard size
 # is part of densify's peak memory.
@@ -25,19 +28,49 @@ SIDE_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "voc
               "*.tiktoken", "chat_template*", "generation_config.json", "preprocessor_config.json")
 
 
-def check_output_path(out: str | Path, overwrite: bool) -> Path:
+def check_output_path(out: str | Path, overwrite: bool, inputs=()) -> Path:
+    """`out` may be written: never over, into or around one of `inputs` (paths, named data sources, or
+    (flag, path) pairs), in an existing writable folder, and replacing something only with --overwrite."""
     out = Path(out)
-    if out.exists() and not overwrite:
+    check_output(out, inputs)
+    if (out.exists() or out.is_symlink()) and not overwrite:
         raise M2DError(f"output path {out} exists; pass --overwrite to replace it")
-    if not out.parent.exists():
-        raise M2DError(f"parent directory of {out} does not exist")
     return out
 
 
+def remove(path: Path) -> None:
+    """Delete a file, a symlink (not its target) or a directory tree."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_siblings(out: Path, tag: str = "tmp") -> None:
+    """Remove `.NAME.<tag>-PID` work directories of runs that were killed (their process is gone): a rerun
+    leaves nothing stale beside its output."""
+    prefix = f".{out.name}.{tag}-"
+    for sibling in out.parent.glob(glob.escape(prefix) + "*"):
+        pid = sibling.name[len(prefix):]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(sibling, ignore_errors=True) if sibling.is_dir() else sibling.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
-def atomic_directory(out: str | Path, overwrite: bool = False):
+def atomic_directory(out: str | Path, overwrite: bool = False, inputs=()):
     """Yield a temporary sibling directory; on success it replaces `out`, on any error it is removed."""
-    out = check_output_path(out, overwrite)
+    out = check_output_path(out, overwrite, inputs)
+    remove_stale_siblings(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -47,8 +80,7 @@ def atomic_directory(out: str | Path, overwrite: bool = False):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     ordinary_permissions(tmp)
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    remove(out)
     os.replace(tmp, out)
 
 
@@ -63,10 +95,40 @@ def ordinary_permissions(directory: Path) -> None:
             path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def write_json(path: Path, obj) -> None:
+@contextlib.contextmanager
+def removed_on_error(path: Path):
+    """`path` is removed if the block fails (a refused run leaves nothing), kept if it is killed (to resume)."""
+    try:
+        yield path
+    except Exception:
+        remove(path)
+        raise
+
+
+@contextlib.contextmanager
+def run_directory(out: Path, resumable: Callable[[Path], bool]):
+    """The directory of a resumable run (sweep, distill), written in place: created if needed, and removed again
+    if this run created it and fails before it holds anything worth resuming (a refused run leaves nothing).
+    A kill or Ctrl-C keeps it: the rerun continues from it."""
+    created = not out.exists()
+    out.mkdir(exist_ok=True)
+    try:
+        yield out
+    except Exception:
+        if created and not resumable(out):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """A kill leaves the old file or the new one, never half of it."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    write_text_atomically(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 class ShardedWriter:

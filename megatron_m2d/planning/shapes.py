@@ -9,7 +9,6 @@ the parameters of the HF and Megatron models).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,16 +176,12 @@ def config_of_dir(path: str | Path):
 
 def read_hf_config(path: str | Path):
     """The config of a HF model directory (config.json only; weights need not be there)."""
-    from transformers import AutoConfig
+    from megatron_m2d.io.checkpoint import Checkpoint
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise M2DError(f"{path} has neither m2d_convert.json nor config.json: not a model directory")
-    try:
-        return AutoConfig.from_pretrained(path)
-    except (ValueError, KeyError, OSError, TypeError, json.JSONDecodeError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise M2DError(f"cannot read the config of {path}: {first_line}") from None
+    return Checkpoint.read_config(path)  # the one config reader, with the message every command gives
 
 
 def student_of(teacher_config, groups: int):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import tempfile
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from megatron_m2d.calibration.run import calibrate
-from megatron_m2d.calibration.store import Statistics, model_fingerprint
+from megatron_m2d.calibration.store import META, Statistics, model_fingerprint
 from megatron_m2d.data.text import token_stream
 from megatron_m2d.densification.export import build_ffn, dense_width, write_dense, zero_pad
 from megatron_m2d.densification.grouping import GROUPINGS
@@ -34,7 +34,9 @@ from megatron_m2d.evaluation.perplexity import load_model, stream_perplexity
 from megatron_m2d.families import family_of
 from megatron_m2d.families.experts import pack_expert
 from megatron_m2d.io.checkpoint import Checkpoint
+from megatron_m2d.io.writer import run_directory, write_text_atomically
 from megatron_m2d.sweep.report import write_reports
+from megatron_m2d.validation import check_output
 
 RESULTS = "results.jsonl"
 
@@ -51,15 +53,14 @@ class Config:
         return f"{self.scoring}|{self.grouping}|{self.scaling}|K{self.select}"
 
 
-def grid(scorings, groupings, scalings, selects, groups: int) -> list[Config]:
+def grid(scorings, groupings, scalings, selects, groups: int, num_experts: int) -> list[Config]:
     for name, allowed, kind in ((scorings, SCORINGS, "scoring"), (groupings, GROUPINGS, "grouping"),
                                 (scalings, SCALINGS, "scaling")):
         unknown = [v for v in name if v not in allowed]
         if unknown:
             raise M2DError(f"unknown {kind}(s): {', '.join(unknown)}")
-    bad = [k for k in selects if k < groups]
-    if bad:
-        raise M2DError(f"--select values {bad} are below k = {groups}")
+    for select in selects:  # densify's own rule for K and k, so both commands refuse alike
+        Method(scorings[0], select, groups).validate(num_experts)
     return [Config(*c) for c in itertools.product(scorings, groupings, scalings, selects)]
 
 
@@ -67,11 +68,17 @@ def load_results(out: Path) -> dict[str, dict]:
     path = out / RESULTS
     if not path.exists():
         return {}
-    rows = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
+    rows, kept = {}, []
+    lines = path.read_text().splitlines()
+    for line in lines:
+        try:
             row = json.loads(line)
             rows[row["key"]] = row
+            kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a row a killed run was writing: computed again
+    if len(kept) != len(lines):
+        write_text_atomically(path, "".join(line + "\n" for line in kept))
     return rows
 
 
@@ -95,24 +102,32 @@ def sweep(model: str | Path, out: str | Path, scorings=tuple(SCORINGS), grouping
           save_checkpoints: bool = False, calibration: dict | None = None, progress: bool = True,
           cp: str = "probability") -> list[dict]:
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpoint(model)
     family = family_of(ckpt.config)
-    groups = groups or family.top_k(ckpt.config)
+    groups = family.top_k(ckpt.config) if groups is None else groups
     selects = selects or [groups]
-    configs = grid(scorings, groupings, scalings, selects, groups)
-    if stats is None:
-        if data is None:
-            raise M2DError("sweep needs --stats, or --data to calibrate first")
-        stats_dir = out / "stats"
-        if not (stats_dir / "meta.json").exists():
-            calibrate(model, data, stats_dir, progress=progress, **{"gram": True, **(calibration or {})})
-        stats = stats_dir
-    statistics = Statistics(stats)
-    statistics.check_matches(model_fingerprint(ckpt, family), model)
-    methods = {c.key: Method(c.scoring, c.select, groups, c.grouping, c.scaling, kernel=kernel, seed=seed, cp=cp)
-               for c in configs}
-    check_statistics_serve(statistics, list(methods.values()))
+    configs = grid(scorings, groupings, scalings, selects, groups, family.num_experts(ckpt.config))
+    if stats is None and data is None:
+        raise M2DError("sweep needs --stats, or --data to calibrate first")
+    check_output(out, [("--model", model), ("--stats", stats), ("--data", data), ("--eval-data", eval_data)])
+    # a run refused before it has results or statistics leaves no folder behind
+    with run_directory(out, resumable=lambda d: (d / RESULTS).exists() or (d / "stats" / META).exists()):
+        if stats is None:
+            stats = out / "stats"
+            if not (stats / META).exists():
+                calibrate(model, data, stats, progress=progress, **{"gram": True, **(calibration or {})})
+        statistics = Statistics(stats)
+        statistics.check_matches(model_fingerprint(ckpt, family), model)
+        methods = {c.key: Method(c.scoring, c.select, groups, c.grouping, c.scaling, kernel=kernel, seed=seed,
+                                 cp=cp) for c in configs}
+        check_statistics_serve(statistics, list(methods.values()))
+        return _sweep(ckpt, family, model, out, configs, methods, groups, statistics, stats, eval_data,
+                      eval_tokens, seq_len, kernel, seed, save_checkpoints, progress, cp)
+
+
+def _sweep(ckpt, family, model, out: Path, configs: list[Config], methods: dict[str, Method], groups: int,
+           statistics: Statistics, stats, eval_data: str, eval_tokens: int, seq_len: int, kernel: KernelOptions,
+           seed: int, save_checkpoints: bool, progress: bool, cp: str) -> list[dict]:
     settings = {"model": str(Path(model).resolve()), "stats": str(Path(stats).resolve()), "eval_data": eval_data,
                 "eval_tokens": eval_tokens, "seq_len": seq_len, "groups": groups, "kernel": vars(kernel),
                 "seed": seed, "cp": cp}
@@ -120,14 +135,21 @@ def sweep(model: str | Path, out: str | Path, scorings=tuple(SCORINGS), grouping
     if previous.exists() and json.loads(previous.read_text()).get("settings") != settings:
         raise M2DError(f"{out} holds a sweep made with other settings (model, statistics, evaluation, k, "
                        "kernel or seed); continue it with the same ones, or use another --out")
-    previous.write_text(json.dumps({"settings": settings, "configurations": len(configs)}, indent=1) + "\n")
+    write_text_atomically(previous, json.dumps({"settings": settings, "configurations": len(configs)}, indent=1)
+                          + "\n")
     done = load_results(out)
 
     layout, _ = dense_width(family, ckpt.config, groups)
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
+    # the student's architecture, loaded once: a fixed name, so a killed run's copy is replaced, not left behind
+    scratch = out / ".student.tmp"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    try:
         first = methods[configs[0].key]
-        write_dense(ckpt, family, make_plans(ckpt, family, statistics, first), first, Path(tmp), progress=False)
-        student, tokenizer = load_model(tmp)
+        write_dense(ckpt, family, make_plans(ckpt, family, statistics, first), first, scratch, progress=False)
+        student, tokenizer = load_model(scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     tokens = token_stream(tokenizer, eval_data, eval_tokens, role="eval")  # tokenized once for all configs
     evaluate = lambda m: stream_perplexity(m, tokens, seq_len=seq_len)
 
