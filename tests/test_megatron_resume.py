@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.megatron_engine import make_pair
+from tests.megatron_engine import make_pair, preprocessed_plays
 
 pytest.importorskip("megatron.core")
 pytest.importorskip("modelopt")
@@ -39,13 +39,9 @@ STEPS = 6
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """The tiny teacher/student pair (converted) and ~150k tokens of the fixture's plays, preprocessed."""
-    from megatron_m2d.distillation.megatron.preprocess import preprocess
-    from megatron_m2d.testing.corpus import paragraph_jsonl
-
     root = tmp_path_factory.mktemp("inputs")
     pair = make_pair(root)
-    preprocess([paragraph_jsonl(root / "plays.jsonl")], root / "plays", pair["student_hf"], progress=False)
-    return {**pair, "data": root / "plays"}
+    return {**pair, "data": preprocessed_plays(pair, root)}
 
 
 def write_config(inputs, out: Path, **overrides) -> Path:
