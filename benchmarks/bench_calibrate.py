@@ -1,18 +1,27 @@
-"""Calibration: our layer-streaming pass vs the plain transformers + PyTorch way, in the same run.
+"""Calibration: `m2d calibrate` vs the plain transformers + PyTorch loop, side by side in one run.
 
-The plain way loads the whole model with `from_pretrained`, runs it with `output_router_logits=True` and hooks,
-and accumulates the routing sums (counts, probability and weight sums) from the router logits. Ours streams one
-decoder layer at a time from safetensors and records every statistic densify uses (routing sums, REAP,
-gate-weighted Gram, mean outputs, logit profiles); with --gram also the all-token Gram (every expert on every
-token). Each variant runs in a fresh process, which reports its wall time and peak RSS (VmHWM).
+The plain way loads the whole model with `from_pretrained` in the checkpoint's own dtype, runs its decoder stack
+(`model.model`: the LM head is no part of calibration, so it is left out) with `output_router_logits=True`, and
+accumulates the routing sums (counts, probability and weight sums) from the router logits. `m2d calibrate`
+streams one decoder layer at a time and records every statistic densify uses (routing sums, REAP, gate-weighted
+Gram, routed output means, logit profiles) in its default settings; `--gram` adds the all-token Gram (every
+expert on every token). Every run is a fresh process reporting its wall time (after imports) and peak RSS
+(VmHWM); the variants are interleaved and repeated, and the table gives the median (machines are shared: ratios
+within one run are what to compare). The Gram pass's GEMM rate is set against the device's matmul ceiling,
+the best of its fp32 and bf16 GEMM rates measured in the same run.
 
-    python benchmarks/bench_calibrate.py [--layers 8] [--experts 32] [--tokens 16384]
+Shapes: the committed fixture, a configurable random MoE, and Qwen3-30B-A3B's real shapes with a few layers
+(random weights, bf16).
+
+    python benchmarks/bench_calibrate.py [--repeats 3] [--layers 8 --experts 32 --hidden 512 ...]
+                                         [--qwen3-layers 2 --qwen3-tokens 2048] [--only fixture,custom,qwen3]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -20,73 +29,155 @@ from pathlib import Path
 
 RUNNER = r"""
 import json, sys, time
-import torch
-mode, model, data, tokens, seq_len = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-torch.set_num_threads(torch.get_num_threads())
+import torch, transformers
+from megatron_m2d.data.text import token_blocks
+mode, model, data, tokens, seq_len, batch, out = sys.argv[1:8]
+tokens, seq_len, batch = int(tokens), int(seq_len), int(batch)
 start = time.perf_counter()
+result = {}
 if mode == "plain":
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from megatron_m2d.data.text import token_blocks
-    m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    m = AutoModelForCausalLM.from_pretrained(model, dtype="auto").eval()
     blocks = token_blocks(AutoTokenizer.from_pretrained(model), data, tokens, seq_len)
     cfg = m.config
-    k, E, n = cfg.num_experts_per_tok, cfg.num_experts, cfg.num_hidden_layers
-    count = torch.zeros(n, E); prob = torch.zeros(n, E, dtype=torch.float64); weight = torch.zeros(n, E, dtype=torch.float64)
+    k, E = cfg.num_experts_per_tok, cfg.num_experts
+    count, prob, weight = {}, {}, {}
     with torch.no_grad():
-        for batch in blocks.split(8):
-            logits = m(input_ids=batch, output_router_logits=True).router_logits
-            for layer, z in enumerate(logits):
+        for ids in blocks.split(batch):
+            for layer, z in enumerate(m.model(input_ids=ids, output_router_logits=True).router_logits):
                 p = torch.softmax(z.float(), -1)
                 top = torch.topk(p, k, -1)
-                g = top.values / top.values.sum(-1, keepdim=True)
-                count[layer] += torch.bincount(top.indices.flatten(), minlength=E)
-                prob[layer] += p.sum(0).double()
-                weight[layer].index_add_(0, top.indices.flatten(), g.flatten().double())
+                g = top.values / top.values.sum(-1, keepdim=True) if cfg.norm_topk_prob else top.values
+                count[layer] = count.get(layer, 0) + torch.bincount(top.indices.flatten(), minlength=E)
+                prob[layer] = prob.get(layer, 0) + p.sum(0).double()
+                weight[layer] = torch.zeros(E, dtype=torch.float64).index_add_(
+                    0, top.indices.flatten(), g.flatten().double()) + weight.get(layer, 0)
+    result["dtype"] = str(m.dtype).removeprefix("torch.")
 else:
     from megatron_m2d.calibration.run import calibrate
-    calibrate(model, data, sys.argv[6], tokens=tokens, seq_len=seq_len, gram=(mode == "ours+gram"),
-              progress=False, overwrite=True)
-seconds = time.perf_counter() - start
+    stats = calibrate(model, data, out, tokens=tokens, seq_len=seq_len, batch_size=batch, gram=(mode == "gram"),
+                      progress=False, overwrite=True)
+    result.update(dtype=stats.meta["dtype"], gram_seconds=stats.meta["gram_seconds"])
+result["seconds"] = time.perf_counter() - start
 hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-print(json.dumps({"seconds": seconds, "peak_mb": int(hwm.split()[1]) / 1024}))
+print(json.dumps({**result, "peak_mb": int(hwm.split()[1]) / 1024}))
 """
 
+CEILING = r"""
+import json, time, torch
+def rate(dtype, n=2048, repeats=5):
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter(); a @ b; best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+print(json.dumps({"fp32": rate(torch.float32), "bf16": rate(torch.bfloat16), "threads": torch.get_num_threads()}))
+"""
 
-def run(mode: str, model: Path, data: str, tokens: int, seq_len: int, out: Path) -> dict:
-    result = subprocess.run([sys.executable, "-c", RUNNER, mode, str(model), data, str(tokens), str(seq_len), str(out)],
-                            capture_output=True, text=True)
+VARIANTS = {"plain": "plain HF loop (routing sums only)", "ours": "m2d calibrate (every statistic but the Gram)",
+            "gram": "m2d calibrate --gram"}
+
+
+def subprocess_json(code: str, *args: str) -> dict:
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(result.stderr[-3000:])
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def describe(model: Path) -> dict:
+    config = json.loads((model / "config.json").read_text())
+    experts = config.get("num_experts") or config.get("num_local_experts")
+    return {"layers": config["num_hidden_layers"], "experts": experts, "top_k": config["num_experts_per_tok"],
+            "hidden": config["hidden_size"], "width": config["moe_intermediate_size"],
+            "dtype": config.get("dtype") or config.get("torch_dtype") or "float32",
+            "size_mb": sum(p.stat().st_size for p in model.glob("*.safetensors")) / 2**20}
+
+
+def bench_shape(name: str, model: Path, data: str, tokens: int, seq_len: int, batch: int, repeats: int,
+                variants: list[str], ceilings: list[dict], out: Path) -> None:
+    runs = {v: [] for v in variants}
+    for _ in range(repeats):
+        for variant in variants:  # interleaved, so that load from others falls on every variant alike
+            runs[variant].append(subprocess_json(RUNNER, variant, str(model), data, str(tokens), str(seq_len),
+                                                 str(batch), str(out)))
+        ceilings.append(subprocess_json(CEILING))
+    shape = describe(model)
+    ceiling = max(max(c["fp32"], c["bf16"]) for c in ceilings)
+    print(f"\n### {name}: {shape['layers']} layers, {shape['experts']} experts top-{shape['top_k']}, hidden "
+          f"{shape['hidden']}, expert width {shape['width']}, {shape['dtype']} checkpoint ({shape['size_mb']:,.0f} "
+          f"MiB), {tokens:,} tokens, batches of {batch} x {seq_len}")
+    print("| variant | compute dtype | seconds (median) | tokens/s | vs plain (median of runs) | peak RSS MiB | "
+          "Gram GFLOP/s | % of ceiling |")
+    print("|---|---|---|---|---|---|---|---|")
+    plain = [r["seconds"] for r in runs["plain"]]
+    moe_layers = shape["layers"]
+    for variant in variants:
+        seconds = [r["seconds"] for r in runs[variant]]
+        ratios = [p / s for p, s in zip(plain, seconds)]
+        gram = ""
+        if variant == "gram":
+            flops = 2 * tokens * moe_layers * shape["experts"] * shape["hidden"] * (3 * shape["width"]
+                                                                                    + shape["experts"])
+            best_rate = max(flops / r["gram_seconds"] for r in runs[variant]) / 1e9
+            gram = f"{best_rate:,.0f} | {100 * best_rate / ceiling:.0f} %"
+        else:
+            gram = " | "
+        print(f"| {VARIANTS[variant]} | {runs[variant][0]['dtype']} | {statistics.median(seconds):.1f} | "
+              f"{tokens / statistics.median(seconds):,.0f} | {statistics.median(ratios):.2f}x | "
+              f"{max(r['peak_mb'] for r in runs[variant]):,.0f} | {gram} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--experts", type=int, default=32)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", default="fixture,custom,qwen3")
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--fixture-tokens", type=int, default=16384)
+    parser.add_argument("--layers", type=int, default=8, help="configurable shape")
+    parser.add_argument("--experts", type=int, default=32)
+    parser.add_argument("--top-k", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--width", type=int, default=256, help="expert intermediate size")
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--dtype", default="float32", help="configurable shape's checkpoint dtype")
+    parser.add_argument("--qwen3-layers", type=int, default=2, help="Qwen3-30B-A3B shapes: 1.2 GB per layer")
+    parser.add_argument("--qwen3-tokens", type=int, default=2048)
     args = parser.parse_args()
 
-    from megatron_m2d.demo import CALIBRATION_TEXT
+    import torch
+
+    from megatron_m2d.demo import CALIBRATION_TEXT, FIXTURE_MOE
     from megatron_m2d.testing.tiny import build_moe_on_disk
 
+    only, data = args.only.split(","), str(CALIBRATION_TEXT)
+    ceilings = [subprocess_json(CEILING)]
+    variants = list(VARIANTS)
     with tempfile.TemporaryDirectory() as tmp:
-        model = build_moe_on_disk(Path(tmp) / "moe", "qwen3_moe", layers=args.layers, hidden=args.hidden,
-                                  num_experts=args.experts, num_experts_per_tok=4, moe_intermediate_size=args.hidden // 2,
-                                  num_attention_heads=8, num_key_value_heads=4, head_dim=args.hidden // 8)
-        size_mb = sum(p.stat().st_size for p in model.glob("*.safetensors")) / 2**20
-        rows = []
-        for mode in ("plain", "ours", "ours+gram"):
-            result = run(mode, model, str(CALIBRATION_TEXT), args.tokens, args.seq_len, Path(tmp) / "stats")
-            rows.append((mode, result["seconds"], args.tokens / result["seconds"], result["peak_mb"]))
-    print(f"\nqwen3_moe, {args.layers} layers, {args.experts} experts top-4, hidden {args.hidden}, "
-          f"{size_mb:.0f} MiB on disk, {args.tokens} tokens, fp32 CPU")
-    print(f"{'variant':<12} {'seconds':>8} {'tokens/s':>10} {'peak RSS MiB':>13}")
-    names = {"plain": "plain HF", "ours": "m2d", "ours+gram": "m2d --gram"}
-    for mode, seconds, rate, peak in rows:
-        print(f"{names[mode]:<12} {seconds:>8.1f} {rate:>10,.0f} {peak:>13,.0f}")
+        out = Path(tmp) / "stats"
+        if "fixture" in only:
+            bench_shape("fixture (trained, committed)", FIXTURE_MOE, "fixture", args.fixture_tokens, args.seq_len,
+                        args.batch_size, args.repeats, variants, ceilings, out)
+        if "custom" in only:
+            model = build_moe_on_disk(Path(tmp) / "custom", "qwen3_moe", layers=args.layers, hidden=args.hidden,
+                                      num_experts=args.experts, num_experts_per_tok=args.top_k,
+                                      moe_intermediate_size=args.width, num_attention_heads=8, num_key_value_heads=4,
+                                      head_dim=args.hidden // 8, dtype=getattr(torch, args.dtype))
+            bench_shape("configurable random MoE", model, data, args.tokens, args.seq_len, args.batch_size,
+                        args.repeats, variants, ceilings, out)
+        if "qwen3" in only:
+            model = build_moe_on_disk(Path(tmp) / "qwen3", "qwen3_moe", layers=args.qwen3_layers, hidden=2048,
+                                      num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                                      num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                                      vocab_size=151936, intermediate_size=6144, max_position_embeddings=4096,
+                                      dtype=torch.bfloat16)
+            bench_shape("Qwen3-30B-A3B shapes (random weights)", model, data, args.qwen3_tokens, args.seq_len,
+                        args.batch_size, max(1, args.repeats - 1), variants, ceilings, out)
+    best = {k: max(c[k] for c in ceilings) for k in ("fp32", "bf16")}
+    print(f"\nmatmul ceiling (best 2048^3 GEMM over {len(ceilings)} measurements, {ceilings[0]['threads']} threads): "
+          f"fp32 {best['fp32']:,.0f} GFLOP/s, bf16 {best['bf16']:,.0f} GFLOP/s")
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ def test_streaming_statistics_match_brute_force(family, tiny, text_dir, tmp_path
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
     stats = calibrate(model, str(text_dir), tmp_path / "stats", tokens=TOKENS, seq_len=SEQ, batch_size=3,
-                      gram=True, progress=False)
+                      gram=True, dtype="float32", progress=False)
     assert stats.meta["tokens"] == TOKENS
     for layer, ref in reference.items():
         sums = stats.layer(layer).sums

@@ -44,7 +44,7 @@ def neuron_importance(ckpt: Checkpoint, blocks: torch.Tensor, batch_size: int, d
     if aggregation not in IMPORTANCE:
         raise M2DError(f"unknown --importance {aggregation!r} (choose from {', '.join(IMPORTANCE)})")
     streamer = LayerStreamer(ckpt, None, device, dtype)
-    hidden, kwargs = streamer.prepare(blocks, batch_size)
+    hidden, kwargs = streamer.prepare(list(blocks.split(batch_size)))
     importance = {}
     for index in tqdm(range(ckpt.config.num_hidden_layers), desc="d2d importance", unit="layer",
                       disable=not progress):

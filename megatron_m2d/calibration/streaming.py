@@ -69,9 +69,8 @@ class LayerStreamer:
             self._kwargs_by_shape[shape] = {i: kwargs for i, (_, kwargs) in self.record.items()}
         return hidden, self._kwargs_by_shape[shape]
 
-    def prepare(self, blocks: torch.Tensor, batch_size: int) -> tuple[list[torch.Tensor], list[dict[int, dict]]]:
-        """Embeddings of every batch of `blocks`, and each batch's per-layer keyword arguments."""
-        batches = list(blocks.split(batch_size))
+    def prepare(self, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[dict[int, dict]]]:
+        """Embeddings of every batch of token ids, and each batch's per-layer keyword arguments."""
         return [self.embed(b)[0] for b in batches], [self.layer_kwargs(tuple(b.shape)) for b in batches]
 
     @torch.no_grad()

@@ -106,7 +106,7 @@ def write_sample_text(path: str | Path, documents: int = 8, repeat: int = 6) -> 
 
 
 def build_moe_on_disk(path: str | Path, model_type: str = "qwen3_moe", seed: int = 0, std: float = 0.02,
-                      mxfp4: bool = False, **config_fields) -> Path:
+                      mxfp4: bool = False, dtype: torch.dtype = torch.float32, **config_fields) -> Path:
     """A random MoE of any size written straight to disk, one shard per decoder layer, without ever holding
     the model in memory (for memory tests: the checkpoint may be larger than what the test allows itself).
     Experts are stored as transformers saves them: per expert, or fused where the family keeps them fused on
@@ -116,6 +116,7 @@ def build_moe_on_disk(path: str | Path, model_type: str = "qwen3_moe", seed: int
     path = Path(path)
     path.mkdir(parents=True)
     config = tiny_config(model_type, **config_fields)
+    config.dtype = dtype  # the checkpoint's own dtype, which from_pretrained(dtype="auto") loads it in
     family = FAMILIES[config.model_type]
     moe_layers = set(family.moe_layers(config))
     with torch.device("meta"):
@@ -152,12 +153,13 @@ def build_moe_on_disk(path: str | Path, model_type: str = "qwen3_moe", seed: int
         tensors = {}
         for name in names:
             if name.endswith("norm.weight"):
-                tensors[name] = torch.ones(shapes[name])
+                tensors[name] = torch.ones(shapes[name], dtype=dtype)
             elif name.endswith(("_blocks", "_scales")):  # FP4 codes; exponents near 2^-6
                 low, high = (0, 256) if name.endswith("_blocks") else (118, 124)
                 tensors[name] = torch.randint(low, high, shapes[name], generator=generator, dtype=torch.uint8)
             else:
-                tensors[name] = torch.randn(shapes[name], generator=generator) * (0.5 if name.endswith("gate.weight") else std)
+                scale = 0.5 if name.endswith("gate.weight") else std
+                tensors[name] = (torch.randn(shapes[name], generator=generator) * scale).to(dtype)
         save_file(tensors, path / shard, metadata={"format": "pt"})
         weight_map.update({name: shard for name in names})
         del tensors

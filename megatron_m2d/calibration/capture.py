@@ -1,0 +1,100 @@
+"""Statistics taken from the MoE forward the model runs anyway, not from a second pass.
+
+transformers lets a model choose how its experts compute (`config._experts_implementation`, looked up in
+`ExpertsInterface`, which takes registered implementations). We register `m2d_calibration`: transformers' own
+`grouped_mm` path, step for step and with the same result, that also hands the per-slot expert outputs
+E_i(x_t) (before routing weights) to the statistics of its layer. Every experts class transformers decorates
+with `@use_experts_implementation` runs through it with its own gate (`_apply_gate`: GPT-OSS's clamped,
+interleaved SwiGLU), biases, transposed layout and post-expert norm, so the statistics see exactly the outputs
+the model sums. The router's output comes from a forward hook on the family's router module, the shared-expert
+gate's from a hook on that gate: nothing is computed twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+from transformers.integrations import moe as hf_moe
+
+from megatron_m2d.errors import M2DError
+from megatron_m2d.families.parts import Routing
+
+EXPERTS_IMPLEMENTATION = "m2d_calibration"
+_RECORDER = "_m2d_statistics"  # attribute of an experts module while its layer is being recorded
+
+
+def recording_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                              top_k_weights: torch.Tensor) -> torch.Tensor:
+    """transformers' `grouped_mm_experts_forward` (same operations, same result) that also records the routed
+    expert outputs in the statistics attached to `self`. Without statistics attached it is transformers' own."""
+    stats = getattr(self, _RECORDER, None)
+    if stats is None or getattr(self, "_is_expert_parallel", False):
+        return hf_moe.grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    num_tokens, hidden_dim = hidden_states.shape
+    top_k = top_k_index.size(-1)
+    expert_ids = top_k_index.reshape(-1)
+    expert_ids_sorted, perm = torch.sort(expert_ids)
+    tokens_per_expert = torch.bincount(expert_ids, minlength=self.num_experts)  # histc in transformers: same counts
+    offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
+    inputs = hidden_states[perm // top_k]
+
+    first = self.gate_up_proj if self.has_gate else self.up_proj
+    first_bias = (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias) if self.has_bias else None
+    out = hf_moe._grouped_linear(inputs, first, offsets, is_transposed=self.is_transposed,
+                                 bias=first_bias[expert_ids_sorted] if first_bias is not None else None)
+    out = self._apply_gate(out) if self.has_gate else self.act_fn(out)
+    out = hf_moe._grouped_linear(out, self.down_proj, offsets, is_transposed=self.is_transposed,
+                                 bias=self.down_proj_bias[expert_ids_sorted] if self.has_bias else None)
+    if self.has_post_expert_norm:
+        out = self.post_expert_norm(out)  # E_i(x_t) for every routed (token, slot), grouped by expert
+
+    weighted = out * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.size(0), device=perm.device)
+    weighted = weighted[inverse].view(num_tokens, top_k, hidden_dim)  # g_t,s E_{i_t,s}(x_t), token order
+    stats.add_routed(top_k_index, top_k_weights, tokens_per_expert, out, weighted)
+    if stats.with_gram:
+        stats.add_all_expert_gram(self, hidden_states)
+    return weighted.sum(dim=1).to(hidden_states.dtype)
+
+
+hf_moe.ExpertsInterface.register(EXPERTS_IMPLEMENTATION, recording_experts_forward)
+
+
+def use_recording_experts(config) -> None:
+    """Make the layers built from `config` compute their experts through `recording_experts_forward`."""
+    config._experts_implementation = EXPERTS_IMPLEMENTATION
+
+
+@contextlib.contextmanager
+def recording(moe_block: nn.Module, stats, family) -> Iterator[None]:
+    """While inside, every forward of `moe_block` adds its tokens to `stats`."""
+    experts = getattr(moe_block, "experts", None)
+    if experts is None or not hasattr(experts, "has_gate") or not hasattr(experts, "gate_up_proj" if experts.has_gate
+                                                                        else "up_proj"):
+        raise M2DError(f"{type(moe_block).__name__}: its experts are not computed through transformers' experts "
+                       "interface (@use_experts_implementation), so calibration cannot record them")
+    if experts.config._experts_implementation != EXPERTS_IMPLEMENTATION:
+        raise M2DError("internal: the layer was built without the recording experts implementation")
+    router = family.router_module(moe_block)
+    hooks = [router.register_forward_hook(lambda module, args, output: stats.add_routing(_routing(family, output)))]
+    if family.shared is not None and family.shared.gate:
+        gate = moe_block.get_submodule(family.shared.gate.removesuffix(".weight"))
+        hooks.append(gate.register_forward_hook(lambda module, args, output: stats.add_shared_gate(output)))
+    setattr(experts, _RECORDER, stats)
+    try:
+        yield
+    finally:
+        delattr(experts, _RECORDER)
+        for hook in hooks:
+            hook.remove()
+
+
+def _routing(family, output) -> Routing:
+    if hasattr(family, "routing"):
+        return family.routing(output)
+    logits, weights, indices = output
+    return Routing(logits, weights, indices, family.probabilities(logits))

@@ -1,0 +1,68 @@
+"""The all-token Gram (--gram): every expert on every calibration token, at the speed of the device's GEMMs.
+
+Per chunk of tokens: the family's `expert_outputs` runs every expert on the chunk (one GEMM against the whole
+[E*2I, H] gate/up stack, the experts module's own gate, one batched GEMM for the down projections), and ONE GEMM
+gives the chunk's E x E Gram (K = tokens x hidden), accumulated in fp32 and added to an fp64 running sum. Chunks
+are as long as the shapes and the free memory allow, so the GEMMs are large enough to run near the device's
+ceiling.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from megatron_m2d.families.experts import expert_outputs
+
+CPU_BUDGET_BYTES = 1 << 30  # beyond ~500 rows per GEMM a CPU gains nothing, and the machine is shared
+GPU_BUDGET_FRACTION = 0.25
+
+
+def fp32_gram(rows: torch.Tensor) -> torch.Tensor:
+    """rows @ rows.T accumulated in fp32 (one GEMM). CUDA multiplies bf16 into an fp32 result directly; on a CPU
+    the rows are widened first (its bf16 GEMMs round their output to bf16)."""
+    if rows.dtype != torch.float32 and rows.is_cuda:
+        try:
+            return torch.mm(rows, rows.T, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # torch without out_dtype for this dtype
+            pass
+    rows = rows.float()
+    return rows @ rows.T
+
+
+def available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as meminfo:
+            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def chunk_tokens(experts: nn.Module, hidden: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Tokens per chunk: the chunk's buffers ([E, n, 2I] gate/up, [E, n, I] gated, [E, n, H] outputs, and their
+    fp32 copy where the Gram widens) within a share of the free memory."""
+    E, elem = experts.num_experts, torch.finfo(dtype).bits // 8
+    width = experts.down_proj.shape[1] if experts.is_transposed else experts.down_proj.shape[2]
+    per_token = E * (3 * width + hidden) * elem + (E * hidden * 4 if elem != 4 else 0)
+    free = available_bytes(device)
+    budget = free * GPU_BUDGET_FRACTION if device.type == "cuda" else min(CPU_BUDGET_BYTES, free // 8)
+    return max(1, int(budget // per_token))
+
+
+def add_all_expert_gram(sums: dict[str, torch.Tensor], experts: nn.Module, x: torch.Tensor) -> None:
+    """sums['gram'] += sum_t <E_i(x_t), E_j(x_t)>, sums['out_sum_all'] += sum_t E_i(x_t), over x [T, H]."""
+    E = experts.num_experts
+    step = chunk_tokens(experts, x.shape[-1], x.dtype, x.device)
+    for start in range(0, x.shape[0], step):
+        outputs = expert_outputs(experts, x[start:start + step])  # [E, n, H]
+        sums["gram"] += fp32_gram(outputs.reshape(E, -1)).to(sums["gram"].device, torch.float64)
+        sums["out_sum_all"] += outputs.sum(1, dtype=torch.float32).to(sums["gram"].device, torch.float64)
+
+
+def gram_flops(num_experts: int, hidden: int, width: int, tokens: int) -> int:
+    """Multiply-adds x 2 of the Gram pass: every expert's three projections and the E x E Gram, per token."""
+    return 2 * tokens * num_experts * (3 * hidden * width + num_experts * hidden)
