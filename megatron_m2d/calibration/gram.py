@@ -16,8 +16,9 @@ from torch import nn
 
 from megatron_m2d.families.experts import expert_outputs
 
-CPU_BUDGET_BYTES = 1 << 30  # beyond ~500 rows per GEMM a CPU gains nothing, and the machine is shared
-GPU_BUDGET_FRACTION = 0.25
+# Fewer rows than this and the GEMMs fall off the ceiling (measured on this CPU; GPUs want as many).
+MIN_CHUNK_TOKENS = 512
+FREE_MEMORY_SHARE = 4  # a chunk never takes more than a quarter of the free memory
 
 
 def fp32_gram(rows: torch.Tensor) -> torch.Tensor:
@@ -43,14 +44,16 @@ def available_bytes(device: torch.device) -> int:
 
 
 def chunk_tokens(experts: nn.Module, hidden: int, dtype: torch.dtype, device: torch.device) -> int:
-    """Tokens per chunk: the chunk's buffers ([E, n, 2I] gate/up, [E, n, I] gated, [E, n, H] outputs, and their
-    fp32 copy where the Gram widens) within a share of the free memory."""
+    """Tokens per chunk. The chunk's buffers ([E, n, 2I] gate/up, [E, n, I] gated, [E, n, H] outputs, and their
+    fp32 copy where the Gram widens) take about as much memory as the layer's expert weights, so the Gram pass
+    keeps the peak near two layers; at least MIN_CHUNK_TOKENS rows for the GEMMs, at most a share of the free
+    memory."""
     E, elem = experts.num_experts, torch.finfo(dtype).bits // 8
     width = experts.down_proj.shape[1] if experts.is_transposed else experts.down_proj.shape[2]
     per_token = E * (3 * width + hidden) * elem + (E * hidden * 4 if elem != 4 else 0)
-    free = available_bytes(device)
-    budget = free * GPU_BUDGET_FRACTION if device.type == "cuda" else min(CPU_BUDGET_BYTES, free // 8)
-    return max(1, int(budget // per_token))
+    weights = sum(p.numel() * p.element_size() for p in experts.parameters())
+    tokens = max(weights // per_token, MIN_CHUNK_TOKENS)
+    return max(1, min(tokens, available_bytes(device) // FREE_MEMORY_SHARE // per_token))
 
 
 def add_all_expert_gram(sums: dict[str, torch.Tensor], experts: nn.Module, x: torch.Tensor) -> None:

@@ -72,8 +72,7 @@ class MoEStatistics:
         sums["weight_sum"].index_add_(0, flat_idx, weights.reshape(-1).double())
         # Per token, the k x k Gram of its weighted outputs: g_a g_b <E_a, E_b>. Its diagonal is (g ||E||)^2,
         # so REAP's g ||E_i(x)|| (g >= 0) comes with it.
-        weighted = weighted.float()
-        pairs = torch.bmm(weighted, weighted.transpose(1, 2)).double()  # [T, k, k]
+        pairs = _pair_products(weighted).double()  # [T, k, k]
         sums["reap_sum"].index_add_(0, flat_idx, pairs.diagonal(dim1=1, dim2=2).sqrt().reshape(-1))
         pair_index = (indices.unsqueeze(2) * E + indices.unsqueeze(1)).reshape(-1)
         sums["gram_gated"].view(-1).index_add_(0, pair_index, pairs.reshape(-1))
@@ -92,6 +91,19 @@ class MoEStatistics:
 
     def cpu_sums(self) -> dict[str, torch.Tensor]:
         return {name: value.cpu() for name, value in self.sums.items()}
+
+
+def _pair_products(weighted: torch.Tensor) -> torch.Tensor:
+    """Per token, the k x k inner products of its weighted outputs [T, k, H]: one batched GEMM in the compute
+    dtype, accumulated in fp32. CUDA returns them in fp32; a CPU's bf16 GEMM rounds each to bf16 (2^-9 relative,
+    unbiased, then summed over tokens in fp64: far inside the bf16 bounds README states), which costs a tenth of
+    widening the [T, k, H] outputs to fp32 first."""
+    if weighted.dtype != torch.float32 and weighted.is_cuda:
+        try:
+            return torch.bmm(weighted, weighted.transpose(1, 2), out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # torch without out_dtype for this dtype
+            pass
+    return torch.bmm(weighted, weighted.transpose(1, 2)).float()
 
 
 def _sum_by_expert(rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

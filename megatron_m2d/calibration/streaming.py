@@ -19,6 +19,8 @@ from megatron_m2d.families.base import LAYERS, Family
 from megatron_m2d.families.experts import pack_expert
 from megatron_m2d.io.checkpoint import Checkpoint
 
+RELEASE_BYTES = 64 << 20  # unmap the shards after this much expert data: bounded RSS, few re-opens of a shard
+
 
 class _Catcher(nn.Module):
     """Stands in for a decoder layer: records what it is called with and passes hidden states through."""
@@ -97,7 +99,7 @@ class LayerStreamer:
             name = key[len(head):]
             if self.family is not None and name.startswith(self.family.moe_block + "."):
                 name = "mlp." + name[len(self.family.moe_block) + 1:]
-            state[name] = self.ckpt.get(key)
+            state[name] = self.ckpt.get(key).to(self._dtype_for(name))
         if "mlp.experts.gate_up_proj" in wanted:
             state.update(self._fused_experts(index, layer))
         missing = sorted(set(wanted) - set(state))
@@ -115,11 +117,17 @@ class LayerStreamer:
                 tensor.data = state[name].to(device=self.device, dtype=torch.float32)
         return layer
 
+    def _dtype_for(self, name: str) -> torch.dtype:
+        """Tensors are cast as they are read, so a layer is never held in two dtypes; the ones transformers keeps
+        in fp32 stay as stored (load_layer restores them in fp32)."""
+        return torch.float32 if any(part in name for part in self.fp32_names) else self.dtype
+
     def _fused_experts(self, index: int, layer: nn.Module) -> dict[str, torch.Tensor]:
         """The in-memory expert stacks, filled expert by expert in the module's own layout (never two copies)."""
         experts = layer.mlp.experts
-        stacks = {name: torch.empty(param.shape, dtype=self.ckpt.dtype())
+        stacks = {name: torch.empty(param.shape, dtype=self._dtype_for(f"mlp.experts.{name}"))
                   for name, param in experts.named_parameters(recurse=False)}
+        mapped = 0
         for e in range(next(iter(stacks.values())).shape[0]):
             rows = pack_expert(experts, self.family.read_expert(self.ckpt, index, e))
             for name, row in rows.items():
@@ -127,5 +135,8 @@ class LayerStreamer:
                     raise M2DError(f"layer {index}: expert {e}'s {name} has shape {tuple(row.shape)}, the config "
                                    f"says {tuple(stacks[name].shape[1:]) if name in stacks else 'none'}")
                 stacks[name][e] = row
-            self.ckpt.release()  # read pages of a mapped shard count as resident until it is unmapped
+                mapped += row.numel() * row.element_size()
+            if mapped >= RELEASE_BYTES:  # read pages of a mapped shard count as resident until it is unmapped
+                self.ckpt.release()
+                mapped = 0
         return {f"mlp.experts.{name}": stack for name, stack in stacks.items()}
