@@ -124,7 +124,7 @@ def _run_layers(ckpt, family, blocks, batch_size, device, torch_dtype, gram, run
             work.mkdir()
             write_json(work / META, {**run, "complete": False})
         ranks.barrier()
-    elif progress and ranks.writer:
+    elif ranks.writer:
         print(f"resuming calibration in {work} at layer {start_layer}")
 
     streamer = LayerStreamer(ckpt, family, device, torch_dtype)
