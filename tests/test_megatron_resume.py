@@ -48,7 +48,8 @@ def write_config(inputs, out: Path, **overrides) -> Path:
     settings = dict(teacher=str(inputs["teacher"]), student=str(inputs["student"]), data=[str(inputs["data"])],
                     out=str(out), precision="fp32", seq_len=32, micro_batch=2, global_batch=4, steps=STEPS,
                     warmup=1, lr=1e-3, save_every=2, keep_checkpoints=3, eval_every=3, eval_iters=1, log_every=1,
-                    check_teacher=False, export=False, tensorboard=True, **overrides)
+                    check_teacher=False, export=False, tensorboard=True)
+    settings.update(overrides)
     path = out.with_name(out.name + ".json")
     path.write_text(json.dumps(settings))
     return path
@@ -186,13 +187,16 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_checkpoints_before_it(inputs, tm
 @pytest.mark.slow
 def test_two_data_parallel_ranks_killed_and_restarted_follow_the_same_curve(inputs, tmp_path):
     """torchrun, 2 gloo ranks (DP2): killed after step 3 (checkpoint at 2), restarted: bitwise the uninterrupted
-    DP2 run (each rank's RNG stream and data shard continue)."""
+    DP2 run (each rank's RNG stream and data shard continue); the restarted run ends with its export (rank 0 runs
+    it in a fresh process, which must not join torchrun's rendezvous)."""
     whole_out, out = tmp_path / "whole", tmp_path / "run"
     status, log = launch(write_config(inputs, whole_out), ranks=2)
     assert status == 0, log[-3000:]
     config = write_config(inputs, out)
     status, log = launch(config, "after_log:3", ranks=2)
     assert status != 0 and [r["step"] for r in rows(out, "train")] == [1, 2, 3], log[-3000:]
+    write_config(inputs, out, export=True)
     status, log = launch(config, ranks=2)
     assert status == 0, log[-3000:]
     assert_same_run(out, whole_out)
+    assert (out / "model" / "config.json").is_file()

@@ -18,9 +18,15 @@ from megatron_m2d.distillation.megatron.config import RunConfig
 from megatron_m2d.errors import M2DError
 
 SIDE_FILES_DIR = "hf_side_files"  # where `m2d convert hf-to-megatron` keeps the HF tokenizer files
-# what torchrun sets; the conversion process must not join the run's process group
-_LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                       "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+# what torchrun sets; the conversion process must not join the run's process group. TORCHELASTIC_* too: with
+# TORCHELASTIC_USE_AGENT_STORE=True the child's init_process_group waits on the elastic agent's store forever
+_LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                       "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def child_environment() -> dict[str, str]:
+    """This process's environment without the launcher's rendezvous variables."""
+    return {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARIABLES and not k.startswith("TORCHELASTIC_")}
 
 
 @dataclass(frozen=True)
@@ -80,8 +86,8 @@ def _megatron_checkpoint(config: RunConfig, role: str) -> Path:
 
 def run_m2d(arguments: list[str], what: str) -> None:
     """`m2d <arguments>` in a fresh process outside the run's process group; its one-line error becomes ours."""
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARIABLES}
-    done = subprocess.run([sys.executable, "-m", "megatron_m2d", *arguments], env=env, stdout=subprocess.DEVNULL,
+    done = subprocess.run([sys.executable, "-m", "megatron_m2d", *arguments], env=child_environment(),
+                          stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
     if done.returncode:
         lines = [line for line in done.stderr.splitlines() if line.strip()]
