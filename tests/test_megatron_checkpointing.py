@@ -259,3 +259,20 @@ def test_resuming_with_changed_settings_says_which_in_one_line(megatron_cpu, tmp
     checkpointing.load_latest_checkpoint(tmp_path / "ckpt", [run.ddp], run.optimizer, run.scheduler, changed)
     warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith("m2d: warning:")]
     assert len(warnings) == 1 and "changed settings seed:" in warnings[0] and "keep_checkpoints" not in warnings[0]
+
+
+def test_extra_states_that_transformer_engine_would_unpickle_are_not_loaded():
+    """TE's set_extra_state runs pickle.loads on a byte tensor: such states are dropped before load_state_dict;
+    the local spec's (None) and the weights pass."""
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    poisoned = torch.frombuffer(bytearray(pickle.dumps(Evil())), dtype=torch.uint8)
+    state = {"decoder.layers.0.mlp.linear_fc1._extra_state": poisoned,
+             "decoder.layers.0.mlp.linear_fc2._extra_state": None, "decoder.final_layernorm.weight": torch.ones(2)}
+    kept, dropped = checkpointing.without_pickled_extra_state(state)
+    assert dropped == 1 and set(kept) == {"decoder.layers.0.mlp.linear_fc2._extra_state",
+                                          "decoder.final_layernorm.weight"}

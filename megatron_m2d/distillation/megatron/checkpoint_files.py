@@ -1,5 +1,6 @@
 """The on-disk protocol of training checkpoints: names, the completion marker, atomic publication and deletion,
-and the student's files every checkpoint carries. Rank 0 runs these; nothing here is collective.
+the student's files every checkpoint carries, and reading megatron-core's part without its loader. Nothing here
+is collective (rank 0 publishes and prunes; every rank reads).
 
     root/step_0000200/            complete (COMPLETE written last, then the directory renamed into place)
     root/.step_0000300.tmp/       a save in progress, or one a kill interrupted (removed on the next start)
@@ -14,9 +15,11 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+
 from megatron_m2d import __version__
 from megatron_m2d.convert.checkpoint import SIDE_FILES_DIR
-from megatron_m2d.convert.dcp_read import ChunkReader
+from megatron_m2d.convert.dcp_read import ChunkReader, load_sharded
 from megatron_m2d.convert.provider import META
 from megatron_m2d.errors import M2DError
 
@@ -24,6 +27,7 @@ PREFIX, MARKER = "step_", "COMPLETE"
 STATE_FILE, CONFIG_FILE, RNG_DIR = "train_state.json", "run_config.json", "rng"
 RECORD_FILES = ("README.md", "m2d_plan.json")  # what densify wrote beside the student: its model card and plan
 LEFTOVERS = (".tmp", ".deleting", ".replaced")
+COMMON_FILE, COMMON_OBJECT = "common.pt", "common_state/shard_0_1"  # megatron-core <= 0.18 / 0.19
 
 
 def checkpoint_name(step: int) -> str:
@@ -135,3 +139,38 @@ def write_student_files(tmp: Path, student_dir: Path, step: int, sizes: dict) ->
     for name in RECORD_FILES:
         if not (side / name).exists() and source is not None and (source / name).is_file():
             shutil.copy2(source / name, side / name)
+
+
+# ---- megatron-core's part, read without megatron-core's loader (it unpickles what it reads) --------------------
+
+def _read_common(path: Path) -> dict:
+    """megatron-core's non-sharded state (the optimizer's param groups and step): `common.pt` (<= 0.18) or the
+    `common_state` object (0.19), through torch's restricted unpickler either way."""
+    if (path / COMMON_FILE).is_file():
+        try:
+            return torch.load(path / COMMON_FILE, map_location="cpu", weights_only=True)
+        except Exception as e:  # refused globals and corrupt archives alike
+            lines = [line for line in str(e).splitlines() if "GLOBAL" in line or "global" in line] or [str(e)]
+            raise M2DError(f"refusing {COMMON_FILE}: {type(e).__name__}: {lines[0].strip()[:200]}") from None
+    reader = ChunkReader(path)
+    if COMMON_OBJECT not in reader.keys():
+        return {}
+    return reader.read([], [COMMON_OBJECT])[COMMON_OBJECT][0]  # stored as torch.save([state])
+
+
+def _overlay(target, common):
+    """The checkpoint's common values in place of the plain leaves of a freshly built state dict (megatron-core
+    saved exactly those leaves as common state; its `merge` refuses two values for one leaf)."""
+    if isinstance(target, dict) and isinstance(common, dict):
+        for key, value in common.items():
+            target[key] = _overlay(target[key], value) if key in target else value
+        return target
+    if isinstance(target, list) and isinstance(common, list) and len(target) == len(common):
+        return [_overlay(t, c) for t, c in zip(target, common)]
+    return common
+
+
+def read_megatron_state(path: Path, sharded_state_dict: dict) -> dict:
+    """What megatron-core's `dist_checkpointing.load` returns, read through our reader (megatron-core's
+    unpickles freely): the sharded entries, then the checkpoint's common state over the plain leaves."""
+    return _overlay(load_sharded(ChunkReader(path), sharded_state_dict), _read_common(path))

@@ -22,22 +22,19 @@ import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import torch
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: caught by name
 
 from megatron_m2d import __version__
-from megatron_m2d.convert.dcp_read import ChunkReader, load_sharded
 from megatron_m2d.distillation.megatron import rng
 from megatron_m2d.distillation.megatron.checkpoint_files import (CONFIG_FILE, RNG_DIR, STATE_FILE, check_student_keys,
                                                                  checkpoint_name, clean_leftovers, complete_checkpoints,
-                                                                 publish, read_json, set_aside, write_json,
-                                                                 write_student_files)
+                                                                 publish, read_json, read_megatron_state, set_aside,
+                                                                 write_json, write_student_files)
 from megatron_m2d.distillation.megatron.coordination import (all_ranks_succeeded, barrier, broadcast_from_rank0,
                                                              rank, warn)
 from megatron_m2d.errors import M2DError
 
 FORMAT = "m2d-train/1"
-COMMON_FILE, COMMON_OBJECT = "common.pt", "common_state/shard_0_1"  # megatron-core <= 0.18 / 0.19
 # Megatron-LM's own choices: the distributed optimizer's state in its internal bucket layout (parallel save and
 # load, no gathering; reshardable over data parallel only), no per-optimizer key prefix.
 SHARDING = {"distrib_optim_sharding_type": "dp_reshardable", "chained_optim_avoid_prefix": True,
@@ -186,38 +183,6 @@ def _check_layout(path: Path, saved: dict, now: dict) -> None:
                        f"--pp {saved['pp']}")
 
 
-def _read_common(path: Path) -> dict:
-    """megatron-core's non-sharded state (the optimizer's param groups and step): `common.pt` (<= 0.18) or the
-    `common_state` object (0.19), through torch's restricted unpickler either way."""
-    if (path / COMMON_FILE).is_file():
-        try:
-            return torch.load(path / COMMON_FILE, map_location="cpu", weights_only=True)
-        except Exception as e:  # refused globals and corrupt archives alike
-            raise M2DError(f"refusing {COMMON_FILE}: {_reason(e)}") from None
-    reader = ChunkReader(path)
-    if COMMON_OBJECT not in reader.keys():
-        return {}
-    return reader.read([], [COMMON_OBJECT])[COMMON_OBJECT][0]  # stored as torch.save([state])
-
-
-def _overlay(target, common):
-    """The checkpoint's common values in place of the plain leaves of a freshly built state dict (megatron-core
-    saved exactly those leaves as common state; its `merge` refuses two values for one leaf)."""
-    if isinstance(target, dict) and isinstance(common, dict):
-        for key, value in common.items():
-            target[key] = _overlay(target[key], value) if key in target else value
-        return target
-    if isinstance(target, list) and isinstance(common, list) and len(target) == len(common):
-        return [_overlay(t, c) for t, c in zip(target, common)]
-    return common
-
-
-def _load(path: Path, sharded_state_dict: dict) -> dict:
-    """What megatron-core's `dist_checkpointing.load` returns, read through our reader (megatron-core's
-    unpickles freely): the sharded entries, then the checkpoint's common state over the plain leaves."""
-    return _overlay(load_sharded(ChunkReader(path), sharded_state_dict), _read_common(path))
-
-
 def _read(path: Path, model_chunks, optimizer, layout: dict):
     """Everything in one checkpoint, read but not applied (a failure leaves the run's state to the next try)."""
     meta = read_json(path / STATE_FILE)
@@ -226,15 +191,26 @@ def _read(path: Path, model_chunks, optimizer, layout: dict):
     rng_file = path / RNG_DIR / f"rank_{rank():05d}.json"
     same_world = meta["layout"]["world"] == layout["world"]
     rng_state = read_json(rng_file) if same_world else None
-    loaded = _load(path, _sharded_state(model_chunks, optimizer, is_loading=True))
+    loaded = read_megatron_state(path, _sharded_state(model_chunks, optimizer, is_loading=True))
     return meta, loaded, rng_state
+
+
+def without_pickled_extra_state(model_state: dict) -> tuple[dict, int]:
+    """The model state without the extra states Transformer Engine (and modelopt) would unpickle: their
+    `set_extra_state` runs `pickle.loads` on the stored bytes, so a crafted checkpoint would run code there. The
+    FP8 scaling state (amax history, scales) therefore starts fresh after a resume and refills within the
+    recipe's amax-history length; the local spec's extra states are None and pass. Returns (state, dropped)."""
+    kept = {k: v for k, v in model_state.items() if not (k.endswith("_extra_state") and v is not None)}
+    return kept, len(model_state) - len(kept)
 
 
 def _apply(meta: dict, loaded: dict, rng_state, model_chunks, optimizer, scheduler) -> TrainState:
     chunks = _unwrap(model_chunks)
+    dropped = 0
     for i, chunk in enumerate(chunks):
-        missing, unexpected = chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"],
-                                                    strict=False)
+        state, count = without_pickled_extra_state(loaded["model" if len(chunks) == 1 else f"model{i}"])
+        dropped += count
+        missing, unexpected = chunk.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]  # TE's FP8 metadata may start fresh
         if missing or unexpected:
             raise M2DError(f"checkpoint does not fit the student (missing {missing[:3]}, "
@@ -245,6 +221,9 @@ def _apply(meta: dict, loaded: dict, rng_state, model_chunks, optimizer, schedul
         scheduler.load_state_dict(meta["scheduler"])
     if rng_state is not None:
         rng.restore(rng_state)
+    if dropped:
+        warn(f"{dropped} Transformer Engine extra states (FP8 scaling history) not restored: TE unpickles them, "
+             "and m2d never unpickles checkpoint bytes; FP8 scales start fresh")
     return TrainState.from_json(meta["train_state"])
 
 
