@@ -86,7 +86,8 @@ def peak_over_logits(tokens: int, vocab: int) -> dict:
     rows = torch.arange(0, tokens, max(1, tokens // 64))
     kd_ref, lm_ref = reference(student.detach()[rows], teacher[rows], labels[rows], 2.0, vocab)
     return {"peak": trace.peak("start", "end") - trace.live("start"), "logits": student.numel() * 2,
-            "kd": float((kd.detach()[rows] - kd_ref).abs().max()), "lm": float((lm.detach()[rows] - lm_ref).abs().max())}
+            "kd": float((kd.detach()[rows] - kd_ref).abs().max()),
+            "lm": float((lm.detach()[rows] - lm_ref).abs().max())}
 
 
 @pytest.mark.parametrize("tokens, vocab", [(256, 4096), (512, 151936), pytest.param(4096, 151936,
@@ -99,3 +100,36 @@ def test_memory_beyond_the_logits_is_bounded_by_twice_one_models_bf16_logits(tok
     result = peak_over_logits(tokens, vocab)
     assert result["peak"] <= 2 * result["logits"], result
     assert result["kd"] < 1e-3 and result["lm"] < 1e-3, result  # bf16 inputs, fp32 arithmetic on both sides
+
+
+def _loss_on_tp_rank(rank: int, world: int, path: str) -> None:
+    """One rank's half of the vocabulary (384 rows, 259 real: rank 1 holds all the padding), in chunks of 5."""
+    import torch.distributed as dist
+
+    student, teacher = logits(37, 384, 0).requires_grad_(), logits(37, 384, 1)
+    labels = torch.randint(0, 259, (37,), generator=torch.Generator().manual_seed(2))
+    shard = slice(rank * 192, (rank + 1) * 192)
+    mine = student.detach()[:, shard].clone().requires_grad_()
+    kd, lm = kd_and_lm_per_token(mine, teacher[:, shard], labels, 2.0, 259, tp_rank=rank, group=dist.group.WORLD,
+                                 chunk_bytes=4 * 192 * 5)
+    (kd.sum() + 0.5 * lm.sum()).backward()
+    grads = [torch.empty_like(mine.grad) for _ in range(world)]
+    dist.all_gather(grads, mine.grad)
+    if rank == 0:
+        torch.save({"kd": kd.detach(), "lm": lm.detach(), "grad": torch.cat(grads, dim=1)}, path)
+
+
+def test_tensor_parallel_shards_give_the_unsharded_values_and_gradient(tmp_path):
+    """2 gloo ranks, each holding half the (padded) vocabulary: every chunk's max, normaliser and target logit
+    are reduced over the group, so values and the gathered gradient equal the one-rank formula (fp32, 1e-5)."""
+    pytest.importorskip("megatron.core")
+    from tests.megatron_cpu import run_gloo
+
+    run_gloo(2, _loss_on_tp_rank, str(tmp_path / "out.pt"))
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    student, teacher = logits(37, 384, 0).requires_grad_(), logits(37, 384, 1)
+    labels = torch.randint(0, 259, (37,), generator=torch.Generator().manual_seed(2))
+    kd, lm = reference(student, teacher, labels, 2.0, 259)
+    (kd.sum() + 0.5 * lm.sum()).backward()
+    assert torch.allclose(got["kd"], kd, rtol=1e-5, atol=1e-5) and torch.allclose(got["lm"], lm, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(got["grad"], student.grad, atol=1e-6)

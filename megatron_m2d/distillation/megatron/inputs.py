@@ -18,10 +18,11 @@ from megatron_m2d.distillation.megatron.config import RunConfig
 from megatron_m2d.errors import M2DError
 
 SIDE_FILES_DIR = "hf_side_files"  # where `m2d convert hf-to-megatron` keeps the HF tokenizer files
-# what torchrun sets; the conversion process must not join the run's process group. TORCHELASTIC_* too: with
+# what torchrun and SLURM set; the conversion process must not join the run's process group. TORCHELASTIC_* too: with
 # TORCHELASTIC_USE_AGENT_STORE=True the child's init_process_group waits on the elastic agent's store forever
 _LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
-                       "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+                       "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                       "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS")
 
 
 def child_environment() -> dict[str, str]:

@@ -126,7 +126,9 @@ def kd_and_lm_per_token(student: Tensor, teacher: Tensor, labels: Tensor, temper
     valid = max(0, min(shard, vocab_size - vocab_start))
     if chunk_bytes is None:
         chunk_bytes = default_chunk_bytes(student.numel() * student.element_size())
-    chunk_rows = max(1, chunk_bytes // (4 * max(valid, 1)))
+    # from the shard's width, not its real columns: every rank of the group must walk the same chunks, since each
+    # chunk is a collective (the last rank's shard holds the padding and fewer real columns)
+    chunk_rows = max(1, chunk_bytes // (4 * shard))
     return _KDAndLM.apply(student, teacher.detach(), labels, float(temperature), vocab_start, valid, group,
                           chunk_rows)
 
