@@ -31,10 +31,10 @@ def data_prefix(pair, tmp_path_factory):
 
 # ---- bad input: one line, non-zero exit, nothing written ----------------------------------------------------------
 
-def distill(pair, out, capsys, *flags, teacher=None, student=None):
+def distill(pair, data, out, capsys, *flags, teacher=None, student=None):
     capsys.readouterr()  # what building the inputs printed
     return main(["distill", "--backend", "megatron", "--teacher", str(teacher or pair["teacher"]),
-                 "--student", str(student or pair["student"]), "--data", str(out.parent / "no-data"),
+                 "--student", str(student or pair["student"]), "--data", str(data),
                  "--out", str(out), "--precision", "fp32", "--seq-len", "16", "--steps", "2", "--warmup", "0",
                  *map(str, flags)])
 
@@ -45,12 +45,12 @@ def assert_one_line_error(code, capsys, out, message):
     assert not out.exists()
 
 
-def test_different_vocabularies_are_one_line(pair, tmp_path, capsys):
+def test_different_vocabularies_are_one_line(pair, data_prefix, tmp_path, capsys):
     from megatron_m2d.baselines.random_ffn import random_ffn
     from megatron_m2d.testing.tiny import build_tiny_moe
 
     other = random_ffn(build_tiny_moe(tmp_path / "moe", vocab_size=300), tmp_path / "student300", progress=False)
-    code = distill(pair, tmp_path / "run", capsys, student=other)
+    code = distill(pair, data_prefix, tmp_path / "run", capsys, student=other)
     assert_one_line_error(code, capsys, tmp_path / "run", "teacher and student vocabularies differ (259 vs 300")
 
 
@@ -59,18 +59,19 @@ def test_different_vocabularies_are_one_line(pair, tmp_path, capsys):
     (["--micro-batch", "2", "--global-batch", "3"], "--global-batch 3 is not a multiple of --micro-batch 2"),
     (["--fp8", "hybrid", "--precision", "bf16"], "--fp8 needs Transformer Engine"),
 ])
-def test_impossible_layouts_and_fp8_without_te_are_one_line(pair, tmp_path, capsys, flags, message):
+def test_impossible_layouts_and_fp8_without_te_are_one_line(pair, data_prefix, tmp_path, capsys, flags, message):
     from megatron_m2d.convert.megatron_model import te_available
 
     if "--fp8" in flags and te_available():
         pytest.skip("Transformer Engine is installed here")
-    assert_one_line_error(distill(pair, tmp_path / "run", capsys, *flags), capsys, tmp_path / "run", message)
+    code = distill(pair, data_prefix, tmp_path / "run", capsys, *flags)
+    assert_one_line_error(code, capsys, tmp_path / "run", message)
 
 
 @pytest.mark.parametrize("damage, message", [("truncated", "truncated"), ("zeros", "same logit for every token"),
                                              ("other weights", "does not compute what its HF checkpoint")])
-def test_a_corrupted_teacher_checkpoint_is_one_line(megatron_cpu, pair, tmp_path, capsys, damage,  # noqa: F811
-                                                    message):
+def test_a_corrupted_teacher_checkpoint_is_one_line(megatron_cpu, pair, data_prefix, tmp_path, capsys,  # noqa: F811
+                                                    damage, message):
     """A truncated shard fails to load; a checkpoint of zeros or of another model's weights (same shapes, still
     naming the original HF checkpoint) loads, and the teacher check stops it before the first step."""
     from megatron_m2d.convert.checkpoint import hf_to_megatron_checkpoint
@@ -86,7 +87,7 @@ def test_a_corrupted_teacher_checkpoint_is_one_line(megatron_cpu, pair, tmp_path
         hf_to_megatron_checkpoint(build_tiny_moe(tmp_path / "other", seed=7, edit=edit), teacher, progress=False)
         meta = json.loads((teacher / META).read_text())
         (teacher / META).write_text(json.dumps({**meta, "source": str(pair["teacher_hf"])}))
-    code = distill(pair, tmp_path / "run", capsys, teacher=teacher)
+    code = distill(pair, data_prefix, tmp_path / "run", capsys, teacher=teacher)
     assert_one_line_error(code, capsys, tmp_path / "run", message)
 
 
@@ -144,6 +145,6 @@ def test_without_a_gpu_the_megatron_backend_says_so_in_one_line(pair, data_prefi
     """No test patches in this test: megatron-core cannot run here, and the run stops before writing anything."""
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    code = distill(pair, tmp_path / "run", capsys)
+    code = distill(pair, data_prefix, tmp_path / "run", capsys)
     assert_one_line_error(code, capsys, tmp_path / "run", "needs a CUDA GPU")
 
