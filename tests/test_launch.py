@@ -164,3 +164,48 @@ def test_torchrun_script_command_line(fake_slurm):
     (call,) = calls(fake_slurm["log"], "torchrun")
     assert call["argv"] == ["--standalone", "--nnodes", "1", "--nproc-per-node", "4", "-m", ENTRY,
                             "--config", str(fake_slurm["config"]), "--tp", "2"]
+
+
+def tiny_run(root: Path, steps: int) -> Path:
+    """A run config for the tiny Qwen3-MoE teacher, its random-FFN student and the fixture plays as paragraphs."""
+    from megatron_m2d.baselines.random_ffn import random_ffn
+    from megatron_m2d.cli import main
+    from megatron_m2d.testing.corpus import paragraph_jsonl
+    from megatron_m2d.testing.tiny import build_tiny_moe
+
+    hf_teacher = build_tiny_moe(root / "hf-teacher", "qwen3_moe")
+    hf_student = random_ffn(hf_teacher, root / "hf-student", progress=False)
+    assert main(["preprocess", "--input", str(paragraph_jsonl(root / "plays.jsonl")), "--tokenizer",
+                 str(hf_student), "--out", str(root / "plays"), "--no-progress"]) == 0
+    teacher, student = root / "teacher", root / "student"
+    for hf, converted in ((hf_teacher, teacher), (hf_student, student)):  # in a process of its own (gloo group)
+        subprocess.run([sys.executable, "-m", "megatron_m2d", "convert", "hf-to-megatron", "--model", str(hf),
+                        "--out", str(converted)], check=True, capture_output=True, timeout=300)
+    config = root / "run.yaml"
+    config.write_text(f"teacher: {teacher}\nstudent: {student}\ndata: [{root / 'plays'}]\nout: {root / 'run'}\n"
+                      "teacher_ep: 2\nmicro_batch: 1\nglobal_batch: 4\nseq_len: 32\nsteps: " + str(steps) + "\n"
+                      "warmup: 1\nsave_every: 2\neval_every: 0\nprecision: fp32\nlog_every: 1\n")
+    return config
+
+
+def test_torchrun_script_runs_two_gloo_processes_end_to_end_and_resumes(tmp_path):
+    """launch/torchrun.sh with NPROC=2 on CPU: a real 2-process run (DP 2, the teacher's experts over EP 2) that
+    trains, checkpoints and exports; run again with more steps it resumes from its last checkpoint."""
+    pytest.importorskip("megatron.core")
+    pytest.importorskip("modelopt")
+    config = tiny_run(tmp_path, steps=2)
+    env = {**os.environ, "NPROC": "2", "M2D_ENTRY": "tests.megatron_killable_main", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    first = subprocess.run(["bash", str(TORCHRUN_SCRIPT), str(config)], env=env, capture_output=True, text=True,
+                           timeout=900)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    run = tmp_path / "run"
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step_0000002"]
+    assert (run / "model" / "config.json").is_file()  # exported by rank 0 at the end
+    second = subprocess.run(["bash", str(TORCHRUN_SCRIPT), str(config), "--steps", "4"], env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if r["split"] == "train"] == [1, 2, 3, 4]  # 3 and 4 only in the rerun
+    assert (run / "checkpoints" / "step_0000004").is_dir()

@@ -28,7 +28,7 @@ def format_plan(plan: Plan) -> str:
         if plan.fix:
             fix = plan.fix
             changed = [f"{p.label.split(' (')[0]} {memory.part(p.key).gib:.1f} -> {p.gib:.1f}"
-                       for p in fix.memory.parts if abs(p.bytes - _bytes_of(memory, p.key)) > 0.05 * GiB]
+                       for p in fix.memory.parts if abs(p.bytes - _bytes_of(memory, p.key)) > 0.5 * GiB]
             lines.append(f"  smallest change that fits: {' '.join(fix.changes)} -> {fix.memory.total / GiB:.1f} GiB"
                          + (f" ({'; '.join(changed)})" if changed else ""))
         else:
