@@ -57,7 +57,8 @@ DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 # argparse dest -> kind of input path; COMMAND_INPUTS overrides per command (or command + direction)
 INPUTS = {"model": "hf_model", "teacher": "hf_model", "student": "hf_model", "stats": "stats", "data": "data",
-          "eval_data": "data", "include_path": "directory", "input": "path", "tokenizer": "tokenizer"}
+          "eval_data": "data", "include_path": "directory", "input": "path", "tokenizer": "tokenizer",
+          "match": "hf_model"}
 # keyed by command, or (command, direction or backend); None: not a path this command reads
 COMMAND_INPUTS = {("convert", "megatron-to-hf"): {"model": "megatron_checkpoint"},
                   **{command: {"model": "hf_moe"} for command in ("calibrate", "densify", "sweep", "random-ffn")},

@@ -155,3 +155,14 @@ def test_sweep_rewrites_each_family_student_as_densify_writes_it(family, tiny, t
         student, tokenizer = load_model(tmp_path / "sweep" / "checkpoints" / row["key"].replace("|", "_"))
         tokens = token_stream(tokenizer, str(text_dir), 512, role="eval")
         assert stream_perplexity(student, tokens, seq_len=64)["ppl"] == pytest.approx(row["ppl"], rel=1e-5)
+
+
+def test_d2d_match_is_checked_as_an_input_model(tmp_path, capsys):
+    from megatron_m2d.cli import main
+
+    dense = Path(__file__).resolve().parent.parent / "megatron_m2d" / "assets" / "fixture-dense"
+    code = main(["d2d", "--model", str(dense), "--match", str(tmp_path / "nope"), "--data", "fixture",
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("m2d: error:") and "nope" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
