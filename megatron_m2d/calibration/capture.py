@@ -20,7 +20,6 @@ from torch import nn
 from transformers.integrations import moe as hf_moe
 
 from megatron_m2d.errors import M2DError
-from megatron_m2d.families.parts import Routing
 
 EXPERTS_IMPLEMENTATION = "m2d_calibration"
 _RECORDER = "_m2d_statistics"  # attribute of an experts module while its layer is being recorded
@@ -73,14 +72,13 @@ def use_recording_experts(config) -> None:
 def recording(moe_block: nn.Module, stats, family) -> Iterator[None]:
     """While inside, every forward of `moe_block` adds its tokens to `stats`."""
     experts = getattr(moe_block, "experts", None)
-    if experts is None or not hasattr(experts, "has_gate") or not hasattr(experts, "gate_up_proj" if experts.has_gate
-                                                                        else "up_proj"):
+    if not hasattr(experts, "has_gate"):  # set by transformers' @use_experts_implementation
         raise M2DError(f"{type(moe_block).__name__}: its experts are not computed through transformers' experts "
                        "interface (@use_experts_implementation), so calibration cannot record them")
     if experts.config._experts_implementation != EXPERTS_IMPLEMENTATION:
         raise M2DError("internal: the layer was built without the recording experts implementation")
     router = family.router_module(moe_block)
-    hooks = [router.register_forward_hook(lambda module, args, output: stats.add_routing(_routing(family, output)))]
+    hooks = [router.register_forward_hook(lambda module, args, output: stats.add_routing(family.routing(output)))]
     if family.shared is not None and family.shared.gate:
         gate = moe_block.get_submodule(family.shared.gate.removesuffix(".weight"))
         hooks.append(gate.register_forward_hook(lambda module, args, output: stats.add_shared_gate(output)))
@@ -92,9 +90,3 @@ def recording(moe_block: nn.Module, stats, family) -> Iterator[None]:
         for hook in hooks:
             hook.remove()
 
-
-def _routing(family, output) -> Routing:
-    if hasattr(family, "routing"):
-        return family.routing(output)
-    logits, weights, indices = output
-    return Routing(logits, weights, indices, family.probabilities(logits))
