@@ -2,9 +2,9 @@
 
 Per chunk of tokens: the family's `expert_outputs` runs every expert on the chunk (one GEMM against the whole
 [E*2I, H] gate/up stack, the experts module's own gate, one batched GEMM for the down projections), and ONE GEMM
-gives the chunk's E x E Gram (K = tokens x hidden), accumulated in fp32 and added to an fp64 running sum. Chunks
-are as long as the shapes and the free memory allow, so the GEMMs are large enough to run near the device's
-ceiling.
+gives the chunk's E x E Gram (K = tokens x hidden), accumulated in fp32 and added to an fp64 running sum (see
+chunk_gram for how a CPU's bf16 GEMM returns it). Chunks are as long as the shapes and the free memory allow,
+so the GEMMs are large enough to run near the device's ceiling. The same code runs on a GPU.
 """
 
 from __future__ import annotations
@@ -21,16 +21,21 @@ MIN_CHUNK_TOKENS = 512
 FREE_MEMORY_SHARE = 4  # a chunk never takes more than a quarter of the free memory
 
 
-def fp32_gram(rows: torch.Tensor) -> torch.Tensor:
-    """rows @ rows.T accumulated in fp32 (one GEMM). CUDA multiplies bf16 into an fp32 result directly; on a CPU
-    the rows are widened first (its bf16 GEMMs round their output to bf16)."""
+def chunk_gram(rows: torch.Tensor) -> torch.Tensor:
+    """rows @ rows.T as ONE GEMM accumulating in fp32, returned in fp32. CUDA writes bf16 products straight into an
+    fp32 result (out_dtype). A CPU's bf16 GEMM also accumulates in fp32 but rounds its result to bf16: once per
+    chunk and entry (2^-9 relative, unbiased, then summed over chunks in fp64). Widening the rows to fp32 instead
+    would cost more than the expert pass itself on this CPU (a conversion pass over E x n x H values, and fp32
+    GEMMs of this shape at a fraction of the bf16 rate), so bf16 rows are multiplied as they are; fp16 rows are
+    widened (their GEMM could overflow)."""
     if rows.dtype != torch.float32 and rows.is_cuda:
         try:
             return torch.mm(rows, rows.T, out_dtype=torch.float32)
         except (TypeError, RuntimeError):  # torch without out_dtype for this dtype
             pass
-    rows = rows.float()
-    return rows @ rows.T
+    if rows.dtype == torch.float16:
+        rows = rows.float()
+    return (rows @ rows.T).float()
 
 
 def available_bytes(device: torch.device) -> int:
@@ -45,12 +50,12 @@ def available_bytes(device: torch.device) -> int:
 
 def chunk_tokens(experts: nn.Module, hidden: int, dtype: torch.dtype, device: torch.device) -> int:
     """Tokens per chunk. The chunk's buffers ([E, n, 2I] gate/up, [E, n, I] gated, [E, n, H] outputs, and their
-    fp32 copy where the Gram widens) take about as much memory as the layer's expert weights, so the Gram pass
+    fp32 copy where the Gram widens fp16) take about as much memory as the layer's expert weights, so the Gram pass
     keeps the peak near two layers; at least MIN_CHUNK_TOKENS rows for the GEMMs, at most a share of the free
     memory."""
     E, elem = experts.num_experts, torch.finfo(dtype).bits // 8
     width = experts.down_proj.shape[1] if experts.is_transposed else experts.down_proj.shape[2]
-    per_token = E * (3 * width + hidden) * elem + (E * hidden * 4 if elem != 4 else 0)
+    per_token = E * (3 * width + hidden) * elem + (E * hidden * 4 if dtype == torch.float16 else 0)
     weights = sum(p.numel() * p.element_size() for p in experts.parameters())
     tokens = max(weights // per_token, MIN_CHUNK_TOKENS)
     return max(1, min(tokens, available_bytes(device) // FREE_MEMORY_SHARE // per_token))
@@ -62,7 +67,7 @@ def add_all_expert_gram(sums: dict[str, torch.Tensor], experts: nn.Module, x: to
     step = chunk_tokens(experts, x.shape[-1], x.dtype, x.device)
     for start in range(0, x.shape[0], step):
         outputs = expert_outputs(experts, x[start:start + step])  # [E, n, H]
-        sums["gram"] += fp32_gram(outputs.reshape(E, -1)).to(sums["gram"].device, torch.float64)
+        sums["gram"] += chunk_gram(outputs.reshape(E, -1)).to(sums["gram"].device, torch.float64)
         sums["out_sum_all"] += outputs.sum(1, dtype=torch.float32).to(sums["gram"].device, torch.float64)
 
 
