@@ -224,16 +224,14 @@ def _model_dir(value: str, what: str) -> list[Path]:
 
 
 def _dataset_prefix(value: str, what: str) -> list[Path]:
-    """Indexed-dataset prefixes (`m2d preprocess` output); numbers among them are blend weights."""
+    """Indexed-dataset prefixes (`m2d preprocess` output; numbers among them are blend weights): their files are
+    inputs no output may touch. The engine checks the pairs themselves (indexed.check_prefix), after the model
+    pair and the layout, so that a user fixes them in that order."""
     try:
         float(value)
         return []
     except ValueError:
-        pass
-    from megatron_m2d.distillation.megatron.indexed import check_prefix
-
-    check_prefix(value)
-    return [Path(value + ".idx"), Path(value + ".bin")]
+        return [path for path in (Path(value + ".idx"), Path(value + ".bin")) if path.exists()]
 
 
 CHECKS = {"hf_model": _hf_model, "model_config": _model_config, "model_dir": _model_dir,

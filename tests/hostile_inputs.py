@@ -160,9 +160,11 @@ MODEL = [
     ("garbage_shard_header", _garbage_header, "safetensors", ()),
     ("index_names_missing_shard", _index_to_missing_shard, "missing safetensors shard", ()),
     ("index_not_json", _rewrite("model.safetensors.index.json", "{]"), "index.json", ()),
+    # weights are read (and NaN found) by the Megatron backend's conversion, after its GPU check: not on CPU
     ("nan_attention", lambda b, s: _edit_tensors(b, s, _set("layers.1.self_attn.o_proj.weight", float("nan"))),
-     "nan", ()),
-    ("inf_embedding", lambda b, s: _edit_tensors(b, s, _set("embed_tokens.weight", float("inf"))), "nan or inf", ()),
+     "nan", ("distill-megatron",)),
+    ("inf_embedding", lambda b, s: _edit_tensors(b, s, _set("embed_tokens.weight", float("inf"))), "nan or inf",
+     ("distill-megatron",)),
     ("missing_tensor", _drop_tensor("layers.1.self_attn.o_proj.weight"), "o_proj", ()),
     ("no_tokenizer", _no_tokenizer, "tokenizer", ()),
 ]
@@ -275,10 +277,33 @@ TOKENIZER = [
     ("tokenizer_json_garbage", _rewrite("tokenizer.json", "{garbage"), "tokenizer", ()),
 ]
 
+# ---- indexed datasets (a prefix naming PREFIX.bin and PREFIX.idx) -----------------------------------------------
+
+def _dataset(edit):
+    """A copy of the healthy prefix's pair under scratch, with `edit(bin_path, idx_path)` applied."""
+    def make(base: Path, scratch: Path) -> Path:
+        prefix = scratch / "corpus"
+        for suffix in (".bin", ".idx"):
+            shutil.copy(str(base) + suffix, str(prefix) + suffix)
+        edit(Path(str(prefix) + ".bin"), Path(str(prefix) + ".idx"))
+        return prefix
+    return make
+
+
+DATASET = [
+    ("missing_prefix", _missing("no-such-corpus"), "not found", ()),
+    ("no_idx", _dataset(lambda b, i: i.unlink()), r"\.idx", ()),
+    ("no_bin", _dataset(lambda b, i: b.unlink()), r"\.bin", ()),
+    ("truncated_bin", _dataset(lambda b, i: _truncate(b, 0.3)), r"\.bin", ()),
+    ("truncated_idx", _dataset(lambda b, i: _truncate(i, 0.5)), r"\.idx", ()),
+    ("garbage_idx", _dataset(lambda b, i: i.write_bytes(os.urandom(256))), r"\.idx", ()),
+]
+
 CONFIG_ONLY = [row for row in MODEL if row[0] in ("missing", "mistyped_path", "file_not_dir", "empty_dir",
                                                    "no_config", "config_not_json", "config_unknown_type")]
 
-BROKEN = {"model": MODEL, "model_config": CONFIG_ONLY, "tokenizer": TOKENIZER, "moe": MODEL + MOE_ONLY, "stats": STATS, "data": DATA, "megatron": MEGATRON}
+BROKEN = {"model": MODEL, "moe": MODEL + MOE_ONLY, "model_config": CONFIG_ONLY, "tokenizer": TOKENIZER,
+          "stats": STATS, "data": DATA, "megatron": MEGATRON, "dataset": DATASET}
 
 
 def error_lines(stderr: str) -> list[str]:

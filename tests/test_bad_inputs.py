@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_m2d.cli import main
 from tests.hostile_inputs import BROKEN, error_lines, tree_hash
@@ -55,6 +56,14 @@ COMMANDS = {
     "distill": Command(["distill", "--teacher", "{moe}", "--student", "{student}", "--data", "{data}", "--steps",
                         "1", "--seq-len", "64", "--micro-batch", "2", "--train-tokens", "512", "--out", "{out}"],
                        {"moe": "moe", "student": "model", "data": "data"}, resumable=True, overwrite=False),
+    # the Megatron backend's models are checked before anything runs; its dataset pairs are checked by the engine
+    # after the GPU check (so on a GPU machine only: DATASET rows join here there), and fuzzed in
+    # tests/test_megatron_data.py
+    "distill-megatron": Command(["distill", "--backend", "megatron", "--teacher", "{moe}", "--student", "{student}",
+                                 "--data", "{dataset}", "--steps", "1", "--seq-len", "64", "--out", "{out}"],
+                                {"moe": "model", "student": "model",
+                                 **({"dataset": "dataset"} if torch.cuda.is_available() else {})},
+                                resumable=True, overwrite=False, needs="megatron.core"),
     "hf-to-megatron": Command(["convert", "hf-to-megatron", "--model", "{student}", "--out", "{out}"],
                               {"student": "model"}, needs="megatron.core"),
     "preprocess": Command(["preprocess", "--input", "{data}", "--tokenizer", "{student}", "--workers", "1",
@@ -231,4 +240,6 @@ def healthy(tmp_path_factory):
         return paths
     assert main(["convert", "hf-to-megatron", "--model", str(student), "--out", str(root / "megatron")]) == 0
     _close_process_group()
-    return {**paths, "megatron": root / "megatron"}
+    assert main(["preprocess", "--input", str(data), "--tokenizer", str(student), "--workers", "1", "--no-progress",
+                 "--out", str(root / "corpus")]) == 0
+    return {**paths, "megatron": root / "megatron", "dataset": Path(str(root / "corpus"))}

@@ -36,7 +36,7 @@ from megatron_m2d.io.checkpoint import load_tokenizer
 from megatron_m2d.io.model_card import (Distillation, add_distillation, new_card, public_name, read_card,
                                          weights_dtype, write_card)
 from megatron_m2d.io.writer import atomic_directory
-from megatron_m2d.validation import check_output
+from megatron_m2d.validation import check_numbers, check_output
 
 
 @dataclass
@@ -63,10 +63,7 @@ class DistillConfig:
     def validate(self) -> None:
         if self.schedule not in SCHEDULES:
             raise M2DError(f"unknown schedule {self.schedule!r} (choose from {', '.join(SCHEDULES)})")
-        if not 0.0 <= self.kd_weight <= 1.0:
-            raise M2DError("--kd-weight must lie in [0, 1]")
-        if self.steps < 1 or self.micro_batch < 1 or self.grad_accum < 1 or self.temperature <= 0:
-            raise M2DError("--steps, --micro-batch and --grad-accum must be >= 1 and --temperature > 0")
+        check_numbers(self)  # the CLI's rules for these names (ranges, finite, min-lr <= lr), from the API too
         if self.warmup is not None and not 0 <= self.warmup <= self.steps:
             raise M2DError(f"--warmup {self.warmup} must lie in [0, --steps {self.steps}]")
 

@@ -53,10 +53,34 @@ def _check_shapes(ckpt: Checkpoint) -> None:
     except Exception:  # noqa: BLE001 -- a config transformers cannot build is reported by the stage that needs it
         return
     _check_experts(ckpt)
-    expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    # routed experts are fused in memory and per expert on disk: counted and checked above instead
+    on_disk = _disk_names(ckpt)
+    expected = {on_disk(name): tuple(t.shape) for name, t in skeleton.state_dict().items() if ".experts." not in name}
     for key in ckpt.keys():
         if key in expected:
             _compare(ckpt, key, expected[key])
+    tied = {"lm_head.weight"} if getattr(ckpt.config, "tie_word_embeddings", False) else set()
+    missing = sorted(k for k in expected if not ckpt.has(k) and k not in tied)
+    if missing:
+        raise M2DError(f"{ckpt.path}: the weights lack {missing[0]} ({len(missing)} tensors its config implies)")
+
+
+def _disk_names(ckpt: Checkpoint):
+    """In-memory name -> on-disk name: a family whose MoE block has another name on disk (Mixtral's
+    block_sparse_moe) is renamed by transformers on load; we read the disk."""
+    from megatron_m2d.families import FAMILIES
+
+    family = FAMILIES.get(getattr(ckpt.config, "model_type", None))
+    if family is None or family.moe_block == "mlp":
+        return lambda name: name
+    moe_layers = set(family.moe_layers(ckpt.config))
+
+    def rename(name: str) -> str:
+        parts = name.split(".")
+        if len(parts) > 3 and parts[:2] == ["model", "layers"] and int(parts[2]) in moe_layers and parts[3] == "mlp":
+            return ".".join(parts[:3] + [family.moe_block] + parts[4:])
+        return name
+    return rename
 
 
 def _compare(ckpt: Checkpoint, key: str, expected: tuple[int, ...]) -> None:
