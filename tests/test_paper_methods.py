@@ -32,7 +32,8 @@ def test_conditional_prob_is_the_papers_mean_softmax_probability_where_selected(
     ids = token_blocks(byte_tokenizer(), str(text_dir), TOKENS, SEQ)
     with torch.no_grad():
         logits = model(input_ids=ids, output_router_logits=True).router_logits
-    stats = calibrate(teacher, str(text_dir), tmp_path / "stats", tokens=TOKENS, seq_len=SEQ, progress=False)
+    stats = calibrate(teacher, str(text_dir), tmp_path / "stats", tokens=TOKENS, seq_len=SEQ, dtype="float32",
+                      progress=False)  # the same fp32 router logits as the hand computation
     k, experts = model.config.num_experts_per_tok, logits[0].shape[-1]
     for layer in stats.moe_layers:
         total, hits, renormalised = [0.0] * experts, [0] * experts, [0.0] * experts
