@@ -94,7 +94,10 @@ def read_metadata(checkpoint: str | Path) -> Metadata:
                        "(a crafted or foreign pickle)") from None
     except Exception as exc:  # noqa: BLE001 -- any bytes: the pickle machine raises a dozen kinds
         raise M2DError(f"{path} is not readable DCP metadata ({_first_line(exc)})") from None
-    _check_structure(metadata, checkpoint)
+    try:
+        _check_structure(metadata, checkpoint)
+    except (AttributeError, TypeError, ValueError) as exc:  # objects built without their fields (no BUILD state)
+        raise M2DError(f"{path} is not valid DCP metadata ({_first_line(exc)})") from None
     return metadata
 
 
