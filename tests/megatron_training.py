@@ -28,7 +28,7 @@ class RunSettings:
 def build_student(tmp_path: Path) -> Path:
     """The tiny dense student (fp32), converted as `m2d convert hf-to-megatron` does."""
     from megatron_m2d.convert.checkpoint import hf_to_megatron_checkpoint
-    from tests.test_convert import tiny_dense
+    from tests.convert_models import tiny_dense
 
     out = tmp_path / "student"
     if not out.exists():

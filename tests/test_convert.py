@@ -1,11 +1,11 @@
 """Megatron-Core conversion: every supported family round-trips bitwise through a streamed distributed checkpoint,
-and the Megatron model built from its provider config gives the HF logits at TP1, TP2, EP2 and PP2."""
+and the Megatron model built from its provider config gives the HF logits (one process; TP2, EP2 and PP2 in
+test_convert_parallel.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from megatron_m2d.convert import mapping
@@ -14,123 +14,9 @@ from megatron_m2d.convert.parallel import ParallelSizes
 from megatron_m2d.demo import FIXTURE_MOE
 from megatron_m2d.densification.run import densify
 from megatron_m2d.errors import M2DError
-from megatron_m2d.testing.tiny import byte_tokenizer
-from tests.megatron_cpu import causal_mask, megatron_cpu, run_parallel  # noqa: F401  (fixture)
-
-# (family, config overrides): Qwen2-MoE with a dense layer between MoE layers and its gated shared expert
-MOE_CASES = [("qwen3_moe", {}), ("qwen3_moe", {"norm_topk_prob": False}), ("mixtral", {}),
-             ("qwen2_moe", {"mlp_only_layers": [0]})]
-
-
-YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 0.707,
-        "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1, "rope_theta": 10000.0}
-
-
-def tiny_deepseek(path, model_type, **extra):
-    """DeepSeek-V2 (no q compression, softmax) or V3 (q LoRA, sigmoid + correction bias, group-limited top-k):
-    3 layers, the first dense; router weights and the correction bias large enough that routing matters."""
-    fields = dict(vocab_size=259, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
-                  first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
-                  num_experts_per_tok=2, n_shared_experts=1, kv_lora_rank=32, qk_rope_head_dim=8,
-                  qk_nope_head_dim=16, v_head_dim=16, n_group=2, topk_group=1, max_position_embeddings=256,
-                  q_lora_rank=None if model_type == "deepseek_v2" else 48, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**fields, **extra})).eval()
-    with torch.no_grad():
-        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-            if name.endswith("mlp.gate.weight") or name.endswith("e_score_correction_bias"):
-                tensor.normal_(0.0, 0.5 if name.endswith("weight") else 0.1)
-    model.save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return path
-
-
-def tiny_gpt_oss(path, **extra):
-    """GPT-OSS: biases everywhere, learned sinks, a 4-token sliding window on even layers (shorter than the test
-    sequences), yarn rotary, fused interleaved experts; router, sinks and biases large enough to matter."""
-    fields = dict(vocab_size=259, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
-                  sliding_window=4, max_position_embeddings=4096)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt_oss", **{**fields, **extra})).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "router" in name or "sinks" in name or "bias" in name:
-                param.normal_(0.0, 0.5)
-    model.save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return path
-
-
-def teacher(tiny, family, path, **extra):
-    """A tiny random checkpoint of any convertible family, on disk."""
-    if family in DENSE_TYPES:
-        return tiny_dense(path, family, **extra)
-    if family.startswith("deepseek"):
-        return tiny_deepseek(path, family, **extra)
-    if family == "gpt_oss":
-        return tiny_gpt_oss(path, **extra)
-    return tiny(family, **extra)
-
-
-def tiny_dense(path, model_type, **extra):
-    fields = dict(vocab_size=259, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, tie_word_embeddings=False)
-    if model_type == "mistral":
-        fields["sliding_window"] = None
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**fields, **extra})).eval()
-    model.save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return path
-
-
-def safetensors_dir(path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(path.glob("*.safetensors")):
-        out.update(load_file(shard))
-    return out
-
-
-def hf_logits(path, ids) -> torch.Tensor:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
-def megatron_logits(checkpoint, ids) -> torch.Tensor:
-    """Single process (TP1/PP1/EP1), through the provider config, as distillation builds it."""
-    from megatron_m2d.convert.provider import load_checkpoint, model_provider
-
-    model = model_provider(checkpoint, params_dtype=torch.float32, parallel_output=False, use_te=False)()
-    load_checkpoint(model, checkpoint)
-    model.eval()
-    with torch.no_grad():
-        return model(ids, torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids),
-                     attention_mask=causal_mask(ids.shape[1]))
-
-
-def assert_logits_match(got, expected, atol):
-    """Megatron pads the vocabulary (259 -> 384 rows): the real rows must match; padded rows are zero logits."""
-    assert got.shape[:-1] == expected.shape[:-1] and got.shape[-1] >= expected.shape[-1]
-    assert torch.allclose(got[..., :expected.shape[-1]], expected, atol=atol, rtol=0)
-
-
-def assert_round_trip(hf, tmp_path):
-    """HF -> streamed Megatron checkpoint -> HF gives the same tensor names, values and dtypes. Returns the
-    Megatron checkpoint and the exported directory."""
-    from megatron_m2d.convert.checkpoint import hf_to_megatron_checkpoint, megatron_to_hf_checkpoint
-
-    checkpoint = hf_to_megatron_checkpoint(hf, tmp_path / "megatron")
-    back = megatron_to_hf_checkpoint(checkpoint, tmp_path / "back")
-    original, restored = safetensors_dir(hf), safetensors_dir(back)
-    assert restored.keys() == original.keys()
-    assert all(torch.equal(restored[k], original[k]) and restored[k].dtype == original[k].dtype for k in original)
-    return checkpoint, back
-
-
-def ids_for(seed, length=16):
-    return torch.randint(0, 259, (2, length), generator=torch.Generator().manual_seed(seed))
+from tests.convert_models import (MOE_CASES, YARN, assert_logits_match, assert_round_trip, hf_logits, ids_for,
+                                  megatron_logits, safetensors_dir, tiny_deepseek, tiny_dense, tiny_gpt_oss)
+from tests.megatron_cpu import megatron_cpu  # noqa: F401  (fixture)
 
 
 # ---- tables, pure ---------------------------------------------------------------------------------------------
@@ -297,114 +183,3 @@ def test_streamed_checkpoint_is_the_one_megatron_writes(megatron_cpu, tiny, tmp_
     back = safetensors_dir(megatron_to_hf_checkpoint(theirs, tmp_path / "back"))
     original = safetensors_dir(teacher)
     assert back.keys() == original.keys() and all(torch.equal(back[k], original[k]) for k in original)
-
-
-# ---- 2 gloo processes -------------------------------------------------------------------------------------------
-
-def test_checkpoint_loads_at_tp2(megatron_cpu, tmp_path):  # noqa: F811
-    """Resharding on load: the one-process checkpoint, loaded at tensor parallel 2, gives HF's logits (the TP
-    all-reduces sum partial products in another order: 1e-4)."""
-    from megatron_m2d.convert.checkpoint import hf_to_megatron_checkpoint
-
-    hf = tiny_dense(tmp_path / "hf", "qwen3")
-    checkpoint = hf_to_megatron_checkpoint(hf, tmp_path / "megatron", ParallelSizes(tp=2))
-    ids = ids_for(4)
-    torch.save(ids, tmp_path / "ids.pt")
-    run_parallel(2, sizes=dict(tp=2), checkpoint=checkpoint, ids=tmp_path / "ids.pt", logits=tmp_path / "l.pt")
-    assert_logits_match(torch.load(tmp_path / "l.pt", weights_only=True), hf_logits(hf, ids), atol=1e-4)
-
-
-@pytest.mark.parametrize("family,sizes", [("qwen3_moe", dict(ep=2)), ("qwen3_moe", dict(pp=2)),
-                                          ("deepseek_v3", dict(ep=2))])
-def test_moe_checkpoint_loads_at_ep2_and_pp2(megatron_cpu, tiny, family, sizes, tmp_path):  # noqa: F811
-    """EP2: half the experts per rank, tokens gathered and combined; PP2: one layer per stage. Same logits."""
-    from megatron_m2d.convert.checkpoint import hf_to_megatron_checkpoint
-
-    hf = teacher(tiny, family, tmp_path / "hf")
-    checkpoint = hf_to_megatron_checkpoint(hf, tmp_path / "megatron", ParallelSizes(**sizes))
-    ids = ids_for(5)
-    torch.save(ids, tmp_path / "ids.pt")
-    run_parallel(2, sizes=sizes, checkpoint=checkpoint, ids=tmp_path / "ids.pt", logits=tmp_path / "l.pt")
-    assert_logits_match(torch.load(tmp_path / "l.pt", weights_only=True), hf_logits(hf, ids), atol=1e-4)
-
-
-@pytest.mark.parametrize("family,extra,sizes", [("qwen3", {}, dict(tp=2)), ("qwen3_moe", {}, dict(ep=2)),
-                                                ("qwen2_moe", {"mlp_only_layers": [0]}, dict(pp=2)),
-                                                ("qwen3", {"num_hidden_layers": 4}, dict(pp=2, vpp=2)),
-                                                ("gpt_oss", {}, dict(ep=2))])
-def test_checkpoint_written_at_tp2_ep2_pp2_loads_at_tp1(megatron_cpu, tiny, family, extra, sizes,  # noqa: F811
-                                                        tmp_path):
-    """2 ranks each write their shard of the target layout (TP2, EP2, PP2, PP2 x VPP2); one process loads it
-    and gives HF's logits."""
-    from megatron_m2d.convert.dcp_read import ChunkReader
-
-    hf = teacher(tiny, family, tmp_path / "hf", **extra)
-    run_parallel(2, sizes=sizes, hf=hf, checkpoint=tmp_path / "megatron")
-    stored = ChunkReader(tmp_path / "megatron").metadata
-    files = {info.relative_path for info in stored.storage_data.values()}
-    assert any(f.startswith("__1_") for f in files), "rank 1 wrote nothing"
-    qkv = stored.state_dict_metadata.get("decoder.layers.self_attention.linear_qkv.weight")  # stacked layers
-    if "tp" in sizes:  # a TP-sharded weight is stored as two row blocks per layer
-        assert len(qkv.chunks) == 4
-    if "vpp" in sizes:  # interleaved virtual stages: rank 0 holds layers 0 and 2, rank 1 layers 1 and 3
-        file_of = {(k.fqn, tuple(k.offset)): v.relative_path for k, v in stored.storage_data.items()
-                   if k.offset is not None}
-        assert [file_of[("decoder.layers.self_attention.linear_qkv.weight", tuple(c.offsets))][:3]
-                for c in sorted(qkv.chunks, key=lambda c: c.offsets[0])] == ["__0", "__1", "__0", "__1"]
-    ids = ids_for(6)
-    assert_logits_match(megatron_logits(tmp_path / "megatron", ids), hf_logits(hf, ids), atol=1e-4)
-
-
-# ---- bad input ---------------------------------------------------------------------------------------------------
-
-def _convert_cli(capsys, *args) -> str:
-    from megatron_m2d.cli import main
-
-    capsys.readouterr()
-    assert main(["convert", *args]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
-
-
-@pytest.mark.parametrize("flags,message", [(["--tp", "3"], "--tp 3 does not divide the 4 attention heads"),
-                                           (["--ep", "3"], "--ep 3 does not divide the 8 experts")])
-def test_cli_refuses_parallel_sizes_that_do_not_divide(tiny, flags, message, tmp_path, capsys):
-    pytest.importorskip("megatron.core")
-    err = _convert_cli(capsys, "hf-to-megatron", "--model", str(tiny("qwen3_moe")), "--out", str(tmp_path / "m"),
-                       *flags)
-    assert message in err
-    assert not (tmp_path / "m").exists() and list(tmp_path.glob(".m.tmp*")) == []
-
-
-def test_cli_refuses_a_family_megatron_cannot_express(tiny, tmp_path, capsys):
-    pytest.importorskip("megatron.core")
-    err = _convert_cli(capsys, "hf-to-megatron", "--model", str(tiny("olmoe")), "--out", str(tmp_path / "m"))
-    assert "normalises each head separately" in err and not (tmp_path / "m").exists()
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
-@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss"])
-def test_cli_without_cuda_says_which_families_need_a_gpu(tiny, family, tmp_path):
-    """In a process without our test patches: megatron-core creates MLA's rotary tables and the sinks' offsets on
-    the current CUDA device, so on a CPU-only machine these conversions stop with one line and write nothing."""
-    import subprocess
-    import sys
-
-    pytest.importorskip("megatron.core")
-    hf = teacher(tiny, family, tmp_path / "hf")
-    result = subprocess.run([sys.executable, "-m", "megatron_m2d.cli", "convert", "hf-to-megatron", "--model",
-                             str(hf), "--out", str(tmp_path / "m")], capture_output=True, text=True)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1, lines
-    assert lines[0].startswith("m2d: error: megatron-core needs a CUDA device")
-    assert not (tmp_path / "m").exists()
-
-
-def test_cli_refuses_a_truncated_shard(tiny, tmp_path, capsys):
-    pytest.importorskip("megatron.core")
-    teacher = tiny("qwen3_moe")
-    shard = teacher / "model.safetensors"
-    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    err = _convert_cli(capsys, "hf-to-megatron", "--model", str(teacher), "--out", str(tmp_path / "m"))
-    assert "model.safetensors" in err and not (tmp_path / "m").exists()

@@ -11,7 +11,7 @@ import torch
 
 from megatron_m2d.convert.megatron_model import te_available
 from tests.megatron_cpu import free_port
-from tests.test_convert import safetensors_dir, teacher
+from tests.convert_models import safetensors_dir, teacher
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -9,7 +9,7 @@ from megatron_m2d.densification.run import densify
 from megatron_m2d.errors import M2DError
 from tests.conftest import FAMILIES
 from tests.megatron_cpu import megatron_cpu  # noqa: F401  (fixture)
-from tests.test_convert import assert_logits_match, assert_round_trip, hf_logits, ids_for, megatron_logits
+from tests.convert_models import assert_logits_match, assert_round_trip, hf_logits, ids_for, megatron_logits
 
 
 @pytest.mark.parametrize("family,extra", [(f, {}) for f in FAMILIES] + [

@@ -120,7 +120,7 @@ def test_flops_per_token_is_the_planners(tmp_path):
     from megatron_m2d.planning.flops import forward_flops
     from megatron_m2d.planning.shapes import ModelShape
     from megatron_m2d.testing.tiny import build_tiny_moe
-    from tests.test_convert import tiny_dense
+    from tests.convert_models import tiny_dense
 
     student, teacher = tiny_dense(tmp_path / "student", "qwen3"), build_tiny_moe(tmp_path / "teacher")
     got = metrics.flops_per_token(student, teacher, 64, teacher_top_k=4)
