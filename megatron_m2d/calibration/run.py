@@ -27,7 +27,7 @@ from megatron_m2d.calibration.distributed import Ranks, join
 from megatron_m2d.calibration.statistics import MoEStatistics
 from megatron_m2d.calibration.store import (FORMAT_VERSION, META, Statistics, check_finite, layer_file,
                                              model_fingerprint)
-from megatron_m2d.calibration.streaming import LayerStreamer
+from megatron_m2d.calibration.streaming import LayerStreamer, release_freed_heap
 from megatron_m2d.data.text import token_blocks
 from megatron_m2d.errors import M2DError
 from megatron_m2d.families import family_of
@@ -153,6 +153,8 @@ def _run_layers(ckpt, family, blocks, batch_size, device, torch_dtype, gram, run
         else:
             streamer.forward_layer(layer, index, hidden, kwargs)
         del layer
+        if device == "cpu":
+            release_freed_heap()
         _checkpoint_hidden(hidden_file, hidden, index + 1)
         ranks.barrier()
     elapsed = time.perf_counter() - started

@@ -9,6 +9,9 @@ of the layer's attention type, rotary tables, positions). The same trick as GPTQ
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
+import sys
 
 import torch
 from torch import nn
@@ -20,6 +23,20 @@ from megatron_m2d.families.experts import pack_expert
 from megatron_m2d.io.checkpoint import Checkpoint
 
 RELEASE_BYTES = 64 << 20  # unmap the shards after this much expert data: bounded RSS, few re-opens of a shard
+
+
+def release_freed_heap() -> None:
+    """Hand the C heap's free pages back to the OS after a layer (glibc's malloc_trim; elsewhere nothing). bf16
+    GEMMs on CPU allocate reorder buffers of a new size for every expert's token count, and glibc keeps the freed
+    blocks: measured on an 8-layer fp32 checkpoint computed in bf16, resident memory grew ~140 MB per layer
+    without this and ~70 MB with it (the rest is oneDNN's primitive cache, bounded by its entry count)."""
+    if sys.platform.startswith("linux") and _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
+if _LIBC is not None and not hasattr(_LIBC, "malloc_trim"):  # musl has no malloc_trim
+    _LIBC = None
 
 
 class _Catcher(nn.Module):
