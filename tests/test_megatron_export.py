@@ -58,6 +58,7 @@ def test_exported_student_loads_in_transformers_with_the_megatron_logits(megatro
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "Not distilled" not in card
     assert "Kept experts per MoE layer" in card  # the densify record
+    assert 'path = "model"' in card and f'vllm serve {dense.name}`' not in card  # usage: the exported directory
     for text in ("## Distillation", "`Qwen/Qwen3-30B-A3B`", "`web` (weight 0.7), `code` (weight 0.3)", "| tokens | 64",
                  "final train loss (mean of the last 2 steps) | KD (forward KL) 1.2345, LM 3.5000",
                  "KD (forward KL) 1.5000", "wsd: lr 0.001 -> 1e-05", "T = 2.0"):
@@ -70,4 +71,8 @@ def test_exported_student_loads_in_transformers_with_the_megatron_logits(megatro
     for other in (tmp_path / "cli", tmp_path / "after"):
         assert sorted(p.name for p in other.iterdir()) == sorted(p.name for p in out.iterdir())
         for path in out.iterdir():
+            if path.name == "README.md":  # the card's usage snippet names its own directory
+                assert (other / path.name).read_text() == path.read_text().replace('"model"', f'"{other.name}"') \
+                    .replace("vllm serve model`", f"vllm serve {other.name}`")
+                continue
             assert filecmp.cmp(path, other / path.name, shallow=False), path.name

@@ -99,6 +99,7 @@ def test_distilled_card_records_the_run_and_eval_writes_only_its_out(student, tm
     assert "Not distilled" not in card and "## Distillation" in card and "forward KL" in card
     assert f"| weights | {weights_dtype(tmp_path / 'run' / 'model')} |" in card
     assert front_matter(card)["base_model"] == teacher.name
+    assert 'path = "run/model"' in card and f'path = "{out.name}"' not in card  # usage names the distilled model
 
     before = file_digests(tmp_path / "run" / "model")
     assert main(["eval", "--model", model, "--data", str(text_dir), "--seq-len", "32", "--max-tokens", "512",

@@ -274,7 +274,7 @@ def _write_card(student: Path, out: Path, config: DistillConfig, teacher, data: 
                 "seed": config.seed}
     record = Distillation(backend="PyTorch + transformers (`m2d distill --backend hf`)", teacher=str(teacher),
                           data=data, tokens=tokens, steps=config.steps, settings=settings, losses=losses)
-    write_card(out, add_distillation(card, record, weights_dtype(out)))
+    write_card(out, add_distillation(card, record, weights_dtype(out), f"{out.parent.name}/model"))
     for name in ("m2d_plan.json",):
         if (student / name).exists():
             (out / name).write_text((student / name).read_text())

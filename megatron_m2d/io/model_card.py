@@ -124,10 +124,11 @@ def new_card(*, teacher: str | os.PathLike | None, teacher_dir: str | os.PathLik
     return str(card)
 
 
-def add_distillation(card: str, record: Distillation, weights: str | None = None) -> str:
+def add_distillation(card: str, record: Distillation, weights: str | None = None, name: str | None = None) -> str:
     """The card with its distillation section replaced by `record`, the stated dtype set to `weights` (the
-    dtype the distilled model was saved in; pass `weights_dtype(out_dir)`), and no evaluation results: those
-    of the student before distillation are not the distilled model's."""
+    dtype the distilled model was saved in; pass `weights_dtype(out_dir)`), the usage snippet naming `name` (the
+    distilled model's directory, not the student's it was copied from), and no evaluation results: those of the
+    student before distillation are not the distilled model's."""
     parsed = ModelCard(card)
     if parsed.data.eval_results:
         parsed.data.eval_results = parsed.data.model_name = None
@@ -142,6 +143,8 @@ def add_distillation(card: str, record: Distillation, weights: str | None = None
     if record.losses:
         body += "\n\nFinal losses:\n\n" + table({k: f"{v:.4f}" for k, v in record.losses.items()}, ("loss", "value"))
     card = _replace_section(card, "Distillation", body)
+    if name is not None:
+        card = _replace_section(card, "Usage", _usage(name))
     return set_fact(card, "weights", weights) if weights is not None else card
 
 

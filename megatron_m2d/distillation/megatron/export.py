@@ -105,7 +105,7 @@ def model_card(checkpoint: Path, record: dict, directory: Path, name: str) -> st
         teacher=record.get("teacher"), teacher_dir=None, model_dir=directory, name=name,
         title="Distilled dense student", summary="The student's densify record was not available when the "
         "checkpoint was saved.", facts={}, made=[])
-    return cards.add_distillation(card, distillation(record), cards.weights_dtype(directory))
+    return cards.add_distillation(card, distillation(record), cards.weights_dtype(directory), name)
 
 
 def export_student(checkpoint_dir: str | Path, out_dir: str | Path, record: dict | None = None,
