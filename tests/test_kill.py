@@ -67,7 +67,8 @@ def assert_same_tensors(a: Path, b: Path) -> None:
 
 
 def assert_nothing_beside(out: Path, allowed=()) -> None:
-    stale = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.") and p.name not in allowed]
+    stale = [p.name for p in out.parent.iterdir()  # .OUT.tmp-PID, .OUT.partial, densify's ..OUT.m2d_stats.partial
+             if p.name.startswith(".") and f".{out.name}." in p.name and p.name not in allowed]
     assert stale == [], stale
 
 
@@ -81,23 +82,33 @@ def inputs(tmp_path_factory):
 CALIBRATE = ["--tokens", "2048", "--seq-len", "128", "--batch-size", "4", "--gram"]
 
 
-def kill_points(name: str) -> list[tuple[str, float | None]]:
+def timed(*args) -> float:
+    """Seconds `m2d args` takes uninterrupted (imports included): the span the random kills fall in."""
+    started = time.monotonic()
+    m2d(*args)
+    return time.monotonic() - started
+
+
+def kill_points(name: str, seconds: float) -> list[tuple[str, float | None]]:
     """(label, delay): once when the command has saved something (the test's trigger), then at three seeded
-    random moments (imports included: a kill before anything is written must not leave anything either)."""
+    random moments of an uninterrupted run's `seconds` (imports included: a kill before anything is written must
+    not leave anything either). A random kill may still come after the command finished: then its output is
+    complete, and running it again is refused as an existing output, so the rerun is only made when it is not."""
     rng = random.Random(name)
-    return [("saved", None)] + [(f"random{i}", rng.uniform(0.5, 8.0)) for i in range(3)]
+    return [("saved", None)] + [(f"random{i}", rng.uniform(0.5, max(1.0, 0.95 * seconds))) for i in range(3)]
 
 
 def test_calibrate_resumes_after_kill(inputs, tmp_path):
     moe, text = inputs
     reference = tmp_path / "reference"
-    m2d("calibrate", "--model", moe, "--data", text, *CALIBRATE, "--out", reference)
-    for label, delay in kill_points("calibrate"):
+    seconds = timed("calibrate", "--model", moe, "--data", text, *CALIBRATE, "--out", reference)
+    for label, delay in kill_points("calibrate", seconds):
         out = tmp_path / f"stats-{label}"
         partial = tmp_path / f".{out.name}.partial"
         trigger = (lambda p=partial: (p / "layer_002.safetensors").exists()) if label == "saved" else None
         killed = m2d_killed(["calibrate", "--model", moe, "--data", text, *CALIBRATE, "--out", out], trigger, delay)
-        again = m2d("calibrate", "--model", moe, "--data", text, *CALIBRATE, "--out", out)
+        if not out.exists():
+            again = m2d("calibrate", "--model", moe, "--data", text, *CALIBRATE, "--out", out)
         if label == "saved":
             assert killed and "resuming calibration" in again.stdout + again.stderr
         assert_same_tensors(out, reference)
@@ -108,13 +119,14 @@ def test_densify_resumes_its_calibration_after_kill(inputs, tmp_path):
     moe, text = inputs
     args = ["densify", "--model", moe, "--data", text, *CALIBRATE, "--scoring", "gld_reap", "--select", "4"]
     reference = tmp_path / "reference"
-    m2d(*args, "--out", reference)
-    for label, delay in kill_points("densify"):
+    seconds = timed(*args, "--out", reference)
+    for label, delay in kill_points("densify", seconds):
         out = tmp_path / f"student-{label}"
-        stats = tmp_path / f".{out.name}.m2d_stats.partial"
+        stats = tmp_path / f"..{out.name}.m2d_stats.partial"  # calibrate's .NAME.partial of densify's .OUT.m2d_stats
         trigger = (lambda p=stats: (p / "layer_003.safetensors").exists()) if label == "saved" else None
         killed = m2d_killed([*args, "--out", out], trigger, delay)
-        again = m2d(*args, "--out", out)
+        if not out.exists():
+            again = m2d(*args, "--out", out)
         if label == "saved":
             assert killed and "resuming calibration" in again.stdout + again.stderr
         assert_same_tensors(out, reference)
@@ -130,13 +142,13 @@ def test_sweep_continues_after_kill(inputs, tmp_path):
     args = ["sweep", "--model", moe, "--stats", stats, "--scorings", "reap,selection_freq,gld_reap,random",
             "--groupings", "round_robin,output_cluster", "--scalings", "uniform", "--select", "2,4",
             "--eval-data", text, "--eval-tokens", "512", "--seq-len", "128"]
-    m2d(*args, "--out", tmp_path / "reference")
+    seconds = timed(*args, "--out", tmp_path / "reference")
 
     def rows(out):
         return {r["key"]: r["ppl"] for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
 
     reference = rows(tmp_path / "reference")
-    for label, delay in kill_points("sweep"):
+    for label, delay in kill_points("sweep", seconds):
         out = tmp_path / f"sweep-{label}"
         results = out / "results.jsonl"
         trigger = (lambda r=results: r.exists() and r.read_text().count("\n") >= 3) if label == "saved" else None
@@ -151,13 +163,14 @@ def test_convert_after_kill(inputs, tmp_path):
     pytest.importorskip("megatron.core")
     moe, _ = inputs
     reference, expected = tmp_path / "reference", tmp_path / "hf-reference"
-    m2d("convert", "hf-to-megatron", "--model", moe, "--out", reference)
+    seconds = timed("convert", "hf-to-megatron", "--model", moe, "--out", reference)
     m2d("convert", "megatron-to-hf", "--model", reference, "--out", expected)
-    for label, delay in kill_points("convert"):
+    for label, delay in kill_points("convert", seconds):
         out = tmp_path / f"megatron-{label}"
         trigger = (lambda o=out: any(o.parent.glob(f".{o.name}.tmp-*/*.distcp"))) if label == "saved" else None
         m2d_killed(["convert", "hf-to-megatron", "--model", moe, "--out", out], trigger, delay)
-        m2d("convert", "hf-to-megatron", "--model", moe, "--out", out)
+        if not out.exists():
+            m2d("convert", "hf-to-megatron", "--model", moe, "--out", out)
         assert_nothing_beside(out)
         back = tmp_path / f"hf-{label}"
         m2d("convert", "megatron-to-hf", "--model", out, "--out", back)
@@ -170,8 +183,8 @@ def test_hf_distill_resumes_after_kill(inputs, tmp_path):
     m2d("random-ffn", "--model", moe, "--out", student)
     args = ["distill", "--teacher", moe, "--student", student, "--data", text, "--steps", "6", "--save-every", "2",
             "--seq-len", "64", "--micro-batch", "2", "--train-tokens", "4096", "--device", "cpu"]
-    m2d(*args, "--out", tmp_path / "reference")
-    for label, delay in kill_points("distill"):
+    seconds = timed(*args, "--out", tmp_path / "reference")
+    for label, delay in kill_points("distill", seconds):
         out = tmp_path / f"run-{label}"
         trigger = (lambda o=out: (o / "checkpoints" / "step_0000002").is_dir()) if label == "saved" else None
         m2d_killed([*args, "--out", out], trigger, delay)
