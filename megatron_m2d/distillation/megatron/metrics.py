@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from megatron_m2d.distillation.state import keep_log_until
 from megatron_m2d.errors import M2DError
 
 METRICS_FILE, TENSORBOARD_DIR, WANDB_ID_FILE = "metrics.jsonl", "tensorboard", "wandb-run-id"
@@ -93,7 +93,7 @@ class MetricsLogger:
         if not rank0:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        _truncate_rows(self.out / METRICS_FILE, start_step)
+        keep_log_until(self.out / METRICS_FILE, start_step)  # a killed run may have logged steps past its checkpoint
         self.rows = open(self.out / METRICS_FILE, "a")
         if getattr(config, "tensorboard", False):
             from torch.utils.tensorboard import SummaryWriter
@@ -182,23 +182,6 @@ def _line(step: int, steps: int, v: dict) -> str:
     if "mfu" in v:
         parts.append(f"MFU {100 * v['mfu']:.1f}%")
     return " | ".join(parts)
-
-
-def _truncate_rows(path: Path, last_step: int) -> None:
-    """Keep the rows of steps <= last_step (a killed run may have logged steps its last checkpoint had not
-    done: the resumed run logs them again). Rewritten atomically."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= last_step:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # a row the kill cut in half
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
 
 
 def _start_wandb(out: Path, config, start_step: int):
