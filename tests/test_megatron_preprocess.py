@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: E402
 from megatron_m2d.cli import main  # noqa: E402
 from megatron_m2d.data import tokenize  # noqa: E402
 from megatron_m2d.distillation.megatron.preprocess import (  # noqa: E402
-    preprocess, warn_if_sentencepiece_disagrees)
+    PROSE, preprocess, warn_if_sentencepiece_disagrees)
 from megatron_m2d.errors import M2DError  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parent.parent / "megatron_m2d" / "assets"
@@ -87,11 +88,22 @@ def test_sentencepiece_tokenizer(tmp_path):
     # on runs of spaces and a leading space)
     processor = spm.SentencePieceProcessor(model_file=str(directory / "tokenizer.model"))
     assert read_back(tmp_path / "sp")[0] == [1] + processor.encode(texts[0]) + [2]
-    # without tokenizer_config.json, transformers' generic conversion departs from the model: warned
     assert not warn_if_sentencepiece_disagrees(directory, tokenizer)
+    # without tokenizer_config.json, transformers' generic conversion dropped the dummy prefix before 5.24 (it keeps
+    # it since): warned exactly when its ids depart from the model's
     (directory / "tokenizer_config.json").unlink()
+    generic = AutoTokenizer.from_pretrained(directory)
+    departs = generic(PROSE, add_special_tokens=False)["input_ids"] != processor.encode(PROSE)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert warn_if_sentencepiece_disagrees(directory, generic) == departs
+    assert sum("add a tokenizer_config.json naming its class" in str(w.message) for w in caught) == int(departs)
+    # a tokenizer whose first token of a document differs from the model's is warned about, whatever the version
+    def first_token_off(text, add_special_tokens):
+        return {"input_ids": processor.encode(text)[1:]}
+
     with pytest.warns(UserWarning, match="add a tokenizer_config.json naming its class"):
-        assert warn_if_sentencepiece_disagrees(directory, AutoTokenizer.from_pretrained(directory))
+        assert warn_if_sentencepiece_disagrees(directory, first_token_off)
 
 
 def test_big_vocabulary_needs_int32(tmp_path):
