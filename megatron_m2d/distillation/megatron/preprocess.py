@@ -113,8 +113,9 @@ PROSE = "The quick brown fox jumps over the lazy dog. It was the best of times, 
 def warn_if_sentencepiece_disagrees(tokenizer_dir: str | Path, tokenizer) -> bool:
     """A directory with a sentencepiece tokenizer.model and no tokenizer.json is converted by transformers; without
     a tokenizer_config.json naming the class, the generic conversion of transformers <= 5.23 drops sentencepiece's
-    dummy prefix (5.24 keeps it), so the first token of every document differs from the ids the model was trained with. Warn when the two disagree on
-    plain prose (the data stays what transformers' inference would feed the model)."""
+    dummy prefix (5.24 keeps it), so the first token of every document differs from the ids the model was trained
+    with. Warn when the two disagree on plain prose (the data stays what transformers' inference would feed the
+    model)."""
     directory = Path(tokenizer_dir)
     if not (directory / "tokenizer.model").is_file() or (directory / "tokenizer.json").is_file():
         return False
