@@ -7,6 +7,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from megatron_m2d.calibration import gram
 from megatron_m2d.calibration import run as calibrate_run
 from megatron_m2d.calibration.run import calibrate
 from megatron_m2d.data.text import token_blocks
@@ -144,3 +145,28 @@ def test_other_request_does_not_resume(tiny, text_dir, tmp_path, monkeypatch):
         calibrate(model, str(text_dir), tmp_path / "s", tokens=TOKENS, seq_len=SEQ, seed=0, progress=False)
     calibrate(model, str(text_dir), tmp_path / "s", tokens=TOKENS, seq_len=SEQ, seed=1, progress=False)
     assert calls == [0, 1, 0, 1]
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])  # [E, 2I, H] concatenated; [E, H, 2I] interleaved, biased
+def test_all_expert_gram_in_chunks_equals_per_token_sums(family, tiny, monkeypatch):
+    """Chunks of 5 over 23 tokens (a short last chunk, one reused buffer) give the sums of the experts module's own
+    forward, token by token, with one-hot routing."""
+    model = AutoModelForCausalLM.from_pretrained(tiny(family, layers=1), dtype=torch.float32).eval()
+    config = model.config
+    experts = model.model.layers[0].mlp.experts
+    E, H = family_of(config).num_experts(config), config.hidden_size
+    x = torch.randn(23, H)
+    monkeypatch.setattr(gram, "chunk_tokens", lambda *args: 5)
+    sums = {"gram": torch.zeros(E, E, dtype=torch.float64), "out_sum_all": torch.zeros(E, H, dtype=torch.float64)}
+    gram.add_all_expert_gram(sums, experts, x)
+    gram_reference, out_reference = torch.zeros(E, E, dtype=torch.float64), torch.zeros(E, H, dtype=torch.float64)
+    with torch.no_grad():
+        for token in x:
+            outputs = torch.cat([experts(token[None], torch.full((1, 1), e), torch.ones(1, 1))
+                                 for e in range(E)]).double()  # [E, H]
+            gram_reference += outputs @ outputs.T
+            out_reference += outputs
+    for name, reference in (("gram", gram_reference), ("out_sum_all", out_reference)):
+        # fp32 products summed over 23 tokens: 1e-5 of the largest entry is far above their rounding
+        error = float((sums[name] - reference).abs().max())
+        assert error <= 1e-5 * float(reference.abs().max()), (name, error)

@@ -1,10 +1,10 @@
 """The all-token Gram (--gram): every expert on every calibration token, at the speed of the device's GEMMs.
 
-Per chunk of tokens: the family's `expert_outputs` runs every expert on the chunk (one GEMM against the whole
-[E*2I, H] gate/up stack, the experts module's own gate, one batched GEMM for the down projections), and ONE GEMM
-gives the chunk's E x E Gram (K = tokens x hidden), accumulated in fp32 and added to an fp64 running sum (see
-chunk_gram for how a CPU's bf16 GEMM returns it). Chunks are as long as the shapes and the free memory allow,
-so the GEMMs are large enough to run near the device's ceiling. The same code runs on a GPU.
+Per chunk of tokens: the family's `expert_outputs` runs every expert on the chunk, one expert at a time (its
+gate/up GEMM, the experts module's own gate, its down GEMM writing straight into the chunk's [E, n, H] buffer),
+and ONE GEMM gives the chunk's E x E Gram (K = tokens x hidden), accumulated in fp32 and added to an fp64 running
+sum (see chunk_gram for how a CPU's bf16 GEMM returns it). Chunks are as long as the shapes and the free memory
+allow, so the GEMMs are large enough to run near the device's ceiling. The same code runs on a GPU.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from megatron_m2d.families.experts import expert_outputs
 
 # Fewer rows than this and the GEMMs fall off the ceiling (measured on this CPU; GPUs want as many).
 MIN_CHUNK_TOKENS = 512
+MIN_CHUNK_BYTES = 64 * 2**20  # small experts: fewer, longer chunks (each costs E small GEMMs' dispatch)
 FREE_MEMORY_SHARE = 4  # a chunk never takes more than a quarter of the free memory
 
 
@@ -49,26 +50,29 @@ def available_bytes(device: torch.device) -> int:
 
 
 def chunk_tokens(experts: nn.Module, hidden: int, dtype: torch.dtype, device: torch.device) -> int:
-    """Tokens per chunk. The chunk's buffers ([E, n, 2I] gate/up, [E, n, I] gated, [E, n, H] outputs, and their
-    fp32 copy where the Gram widens fp16) take about as much memory as the layer's expert weights, so the Gram pass
-    keeps the peak near two layers; at least MIN_CHUNK_TOKENS rows for the GEMMs, at most a share of the free
-    memory."""
-    E, elem = experts.num_experts, torch.finfo(dtype).bits // 8
-    width = experts.down_proj.shape[1] if experts.is_transposed else experts.down_proj.shape[2]
-    per_token = E * (3 * width + hidden) * elem + (E * hidden * 4 if dtype == torch.float16 else 0)
+    """Tokens per chunk. The chunk's [E, n, H] outputs (and their fp32 copy where the Gram widens fp16) take about
+    as much memory as the layer's expert weights, so the Gram pass keeps the peak near two layers, or MIN_CHUNK_BYTES
+    where the experts are small; at least MIN_CHUNK_TOKENS rows for the GEMMs, at most a share of the free memory."""
+    per_token = experts.num_experts * hidden * (torch.finfo(dtype).bits // 8 + (4 if dtype == torch.float16 else 0))
     weights = sum(p.numel() * p.element_size() for p in experts.parameters())
-    tokens = max(weights // per_token, MIN_CHUNK_TOKENS)
+    tokens = max(max(weights, MIN_CHUNK_BYTES) // per_token, MIN_CHUNK_TOKENS)
     return max(1, min(tokens, available_bytes(device) // FREE_MEMORY_SHARE // per_token))
 
 
+@torch.no_grad()
 def add_all_expert_gram(sums: dict[str, torch.Tensor], experts: nn.Module, x: torch.Tensor) -> None:
     """sums['gram'] += sum_t <E_i(x_t), E_j(x_t)>, sums['out_sum_all'] += sum_t E_i(x_t), over x [T, H]."""
-    E = experts.num_experts
-    step = chunk_tokens(experts, x.shape[-1], x.dtype, x.device)
-    for start in range(0, x.shape[0], step):
-        outputs = expert_outputs(experts, x[start:start + step])  # [E, n, H]
-        sums["gram"] += chunk_gram(outputs.reshape(E, -1)).to(sums["gram"].device, torch.float64)
-        sums["out_sum_all"] += outputs.sum(1, dtype=torch.float32).to(sums["gram"].device, torch.float64)
+    E, (T, H) = experts.num_experts, x.shape
+    step = min(chunk_tokens(experts, H, x.dtype, x.device), T)
+    buffer = x.new_empty(E * step * H)  # one buffer for every chunk: no fresh pages to fault in per chunk
+    chunk_sum = torch.empty(E, H, dtype=torch.float32, device=x.device)
+    for start in range(0, T, step):
+        chunk = x[start:start + step]
+        outputs = expert_outputs(experts, chunk, out=buffer[:E * chunk.shape[0] * H].view(E, -1, H))  # [E, n, H]
+        for expert in range(E):  # per expert: a reduction over the middle axis of [E, n, H] runs ~3x slower
+            torch.sum(outputs[expert], 0, dtype=torch.float32, out=chunk_sum[expert])
+        sums["gram"] += chunk_gram(outputs.view(E, -1)).to(sums["gram"].device, torch.float64)
+        sums["out_sum_all"] += chunk_sum.to(sums["gram"].device, torch.float64)
 
 
 def gram_flops(num_experts: int, hidden: int, width: int, tokens: int) -> int:

@@ -24,29 +24,29 @@ def _flags(experts: nn.Module) -> tuple[bool, bool, bool]:
             bool(getattr(experts, "has_bias", False)))
 
 
-def expert_outputs(experts: nn.Module, x: torch.Tensor, ids: list[int] | None = None) -> torch.Tensor:
-    """E_i(x) for the experts `ids` (all by default) on every token of x [T, H]: [len(ids), T, H], before gating.
-    One matmul per projection over the chosen experts."""
+@torch.no_grad()
+def expert_outputs(experts: nn.Module, x: torch.Tensor, ids: list[int] | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """E_i(x) for the experts `ids` (all by default) on every token of x [T, H]: [len(ids), T, H] (written into
+    `out` when given), before gating. One expert at a time: its [T, 2I] gate/up product stays in cache through the
+    gate and the down projection, which writes straight into its rows of the result, and each expert's two GEMMs
+    are as large as T allows. On Qwen3-30B-A3B's shapes (CPU, bf16, 1,084 tokens) this ran at ~1.6x the rate of
+    one GEMM against the whole [E*2I, H] stack followed by a batched down projection, which passes the [E, T, 2I]
+    product through memory in a transposed layout that the gate and the batched GEMM then copy."""
     transposed, _, has_bias = _flags(experts)
-    index = slice(None) if ids is None else torch.as_tensor(ids, device=x.device)
-    gate_up, down = experts.gate_up_proj[index], experts.down_proj[index]
-    if ids is None and not transposed:
-        # all experts, [E, 2I, H] stacks: one GEMM against the stack viewed as [E*2I, H] (a view, no copy) runs
-        # ~2x faster on CPU than a bmm over an expanded x (calspeed's measurement, Qwen3-30B-A3B shapes, bf16)
-        count, width = gate_up.shape[0], gate_up.shape[1]
-        hidden = nn.functional.linear(x, gate_up.reshape(count * width, -1)).view(x.shape[0], count, width)
-        hidden = hidden.transpose(0, 1)  # [E, T, 2I]
-    else:
-        if not transposed:  # [n, 2I, H] -> input-major
-            gate_up = gate_up.transpose(1, 2)
-        hidden = torch.matmul(x.unsqueeze(0), gate_up)  # [n, T, 2I]
-    if not transposed:
-        down = down.transpose(1, 2)
-    if has_bias:
-        hidden = hidden + experts.gate_up_proj_bias[index].unsqueeze(1)
-    out = torch.matmul(experts._apply_gate(hidden), down)  # [n, T, H]
-    if has_bias:
-        out = out + experts.down_proj_bias[index].unsqueeze(1)
+    ids = range(experts.num_experts) if ids is None else ids
+    if out is None:
+        out = x.new_empty(len(ids), x.shape[0], x.shape[-1])
+    for row, expert in enumerate(ids):
+        gate_up, down = experts.gate_up_proj[expert], experts.down_proj[expert]
+        hidden = x @ gate_up if transposed else nn.functional.linear(x, gate_up)
+        if has_bias:
+            hidden += experts.gate_up_proj_bias[expert]
+        torch.matmul(experts._apply_gate(hidden), down if transposed else down.T, out=out[row])
+        if has_bias:
+            out[row] += experts.down_proj_bias[expert]
+        if getattr(experts, "has_post_expert_norm", False):  # part of the expert's output the model sums
+            out[row] = experts.post_expert_norm(out[row])
     return out
 
 
