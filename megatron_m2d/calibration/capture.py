@@ -25,9 +25,42 @@ EXPERTS_IMPLEMENTATION = "m2d_calibration"
 _RECORDER = "_m2d_statistics"  # attribute of an experts module while its layer is being recorded
 
 
+# On CPU, bf16/fp16 matmuls go to oneDNN, which builds (JITs) a kernel for every new row count and caches it; the
+# routed row counts change every batch, so the exact per-expert products ran at 40-53 GFLOP/s in bf16 against
+# 260-350 when each expert's rows are rounded up to a multiple of 64 (2 cores, torch 2.13, 32 experts of
+# [512 -> 512] and [256 -> 512]; 165 against 266 at Qwen3-30B-A3B's [2048 -> 1536]). fp32 goes to MKL, which needs
+# no rounding and keeps the products bitwise those of torch's grouped_mm.
+ROW_MULTIPLE = {torch.bfloat16: 64, torch.float16: 64}
+
+
+def grouped_linear(inputs: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None,
+                   is_transposed: bool) -> torch.Tensor:
+    """transformers' `_grouped_linear`, except on CPU, where each expert's row range is one `torch.mm`. torch's
+    CPU `_grouped_mm` computes the same products but, in bf16, at the per-batch row counts (see `ROW_MULTIPLE`).
+    Rounded up, an expert's range runs into the next expert's rows; experts go in order, so each row's last
+    writer is its own expert, and the rows past the end land in a scratch tail. One host sync reads the offsets,
+    as in transformers' own fallback."""
+    if inputs.device.type != "cpu":
+        return hf_moe._grouped_linear(inputs, weight, offsets, bias=bias, is_transposed=is_transposed)
+    weight = weight if is_transposed else weight.transpose(-2, -1)
+    rows, multiple = inputs.shape[0], ROW_MULTIPLE.get(inputs.dtype, 1)
+    if multiple > 1:
+        inputs = torch.cat([inputs, inputs.new_zeros(multiple - 1, inputs.shape[1])])
+    out = inputs.new_empty(inputs.shape[0], weight.shape[-1])
+    start = 0
+    for expert, end in enumerate(offsets.tolist()):
+        if end > start:
+            stop = start + -(-(end - start) // multiple) * multiple
+            torch.mm(inputs[start:stop], weight[expert], out=out[start:stop])
+        start = end
+    out = out[:rows]
+    return out if bias is None else out.add_(bias)
+
+
 def recording_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                               top_k_weights: torch.Tensor) -> torch.Tensor:
-    """transformers' `grouped_mm_experts_forward` (same operations, same result) that also records the routed
+    """transformers' `grouped_mm_experts_forward` (same operations, same result; see `grouped_linear` for CPU)
+    that also records the routed
     expert outputs in the statistics attached to `self`. Without statistics attached it is transformers' own."""
     stats = getattr(self, _RECORDER, None)
     if stats is None or getattr(self, "_is_expert_parallel", False):
@@ -42,11 +75,11 @@ def recording_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_
 
     first = self.gate_up_proj if self.has_gate else self.up_proj
     first_bias = (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias) if self.has_bias else None
-    out = hf_moe._grouped_linear(inputs, first, offsets, is_transposed=self.is_transposed,
-                                 bias=first_bias[expert_ids_sorted] if first_bias is not None else None)
+    out = grouped_linear(inputs, first, offsets, first_bias[expert_ids_sorted] if first_bias is not None else None,
+                         self.is_transposed)
     out = self._apply_gate(out) if self.has_gate else self.act_fn(out)
-    out = hf_moe._grouped_linear(out, self.down_proj, offsets, is_transposed=self.is_transposed,
-                                 bias=self.down_proj_bias[expert_ids_sorted] if self.has_bias else None)
+    out = grouped_linear(out, self.down_proj, offsets,
+                         self.down_proj_bias[expert_ids_sorted] if self.has_bias else None, self.is_transposed)
     if self.has_post_expert_norm:
         out = self.post_expert_norm(out)  # E_i(x_t) for every routed (token, slot), grouped by expert
 
