@@ -149,8 +149,8 @@ def test_other_request_does_not_resume(tiny, text_dir, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])  # [E, 2I, H] concatenated; [E, H, 2I] interleaved, biased
 def test_all_expert_gram_in_chunks_equals_per_token_sums(family, tiny, monkeypatch):
-    """Chunks of 5 over 23 tokens (a short last chunk, one reused buffer) give the sums of the experts module's own
-    forward, token by token, with one-hot routing."""
+    """Chunks of 5 over two batches, of 3 and 20 tokens (a short batch, then a buffer that must grow; a workspace
+    kept between them), give the sums of the experts module's own forward, token by token, with one-hot routing."""
     model = AutoModelForCausalLM.from_pretrained(tiny(family, layers=1), dtype=torch.float32).eval()
     config = model.config
     experts = model.model.layers[0].mlp.experts
@@ -158,7 +158,9 @@ def test_all_expert_gram_in_chunks_equals_per_token_sums(family, tiny, monkeypat
     x = torch.randn(23, H)
     monkeypatch.setattr(gram, "chunk_tokens", lambda *args: 5)
     sums = {"gram": torch.zeros(E, E, dtype=torch.float64), "out_sum_all": torch.zeros(E, H, dtype=torch.float64)}
-    gram.add_all_expert_gram(sums, experts, x)
+    workspace = {}
+    for batch in (x[:3], x[3:]):
+        gram.add_all_expert_gram(sums, experts, batch, workspace)
     gram_reference, out_reference = torch.zeros(E, E, dtype=torch.float64), torch.zeros(E, H, dtype=torch.float64)
     with torch.no_grad():
         for token in x:

@@ -60,11 +60,16 @@ def chunk_tokens(experts: nn.Module, hidden: int, dtype: torch.dtype, device: to
 
 
 @torch.no_grad()
-def add_all_expert_gram(sums: dict[str, torch.Tensor], experts: nn.Module, x: torch.Tensor) -> None:
-    """sums['gram'] += sum_t <E_i(x_t), E_j(x_t)>, sums['out_sum_all'] += sum_t E_i(x_t), over x [T, H]."""
+def add_all_expert_gram(sums: dict[str, torch.Tensor], experts: nn.Module, x: torch.Tensor,
+                        workspace: dict[str, torch.Tensor]) -> None:
+    """sums['gram'] += sum_t <E_i(x_t), E_j(x_t)>, sums['out_sum_all'] += sum_t E_i(x_t), over x [T, H].
+    `workspace` keeps the chunk buffer from one batch to the next: a fresh one per batch had its pages faulted in
+    again every time (a quarter of the pass on the 8-layer random shape of benchmarks/bench_calibrate.py)."""
     E, (T, H) = experts.num_experts, x.shape
     step = min(chunk_tokens(experts, H, x.dtype, x.device), T)
-    buffer = x.new_empty(E * step * H)  # one buffer for every chunk: no fresh pages to fault in per chunk
+    buffer = workspace.get("chunk")
+    if buffer is None or buffer.numel() < E * step * H or buffer.dtype != x.dtype:
+        buffer = workspace["chunk"] = x.new_empty(E * step * H)
     chunk_sum = torch.empty(E, H, dtype=torch.float32, device=x.device)
     for start in range(0, T, step):
         chunk = x[start:start + step]

@@ -31,6 +31,7 @@ class MoEStatistics:
         E, f64 = num_experts, dict(dtype=torch.float64, device=device)
         self.num_experts, self.top_k, self.with_gram = E, top_k, gram
         self.gram_seconds = 0.0  # time in the all-token Gram pass (the benchmark reports its GEMM rate)
+        self.gram_workspace: dict[str, torch.Tensor] = {}  # the Gram pass's chunk buffer, kept over batches
         self.sums: dict[str, torch.Tensor] = {
             "tokens": torch.zeros((), **f64),
             "count": torch.zeros(E, dtype=torch.int64, device=device),  # times i was among the top-k
@@ -84,7 +85,7 @@ class MoEStatistics:
 
     def add_all_expert_gram(self, experts: nn.Module, x: torch.Tensor) -> None:
         start = time.perf_counter()
-        add_all_expert_gram(self.sums, experts, x)
+        add_all_expert_gram(self.sums, experts, x, self.gram_workspace)
         if x.is_cuda:
             torch.cuda.synchronize(x.device)
         self.gram_seconds += time.perf_counter() - start
