@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from megatron_m2d.errors import M2DError
 from megatron_m2d.families.base import LAYERS, Family
-from megatron_m2d.families.experts import pack_expert
+from megatron_m2d.families.experts import expert_layout, write_expert
 from megatron_m2d.io.checkpoint import Checkpoint
 
 RELEASE_BYTES = 64 << 20  # unmap the shards after this much expert data: bounded RSS, few re-opens of a shard
@@ -143,17 +143,17 @@ class LayerStreamer:
     def _fused_experts(self, index: int, layer: nn.Module) -> dict[str, torch.Tensor]:
         """The in-memory expert stacks, filled expert by expert in the module's own layout (never two copies)."""
         experts = layer.mlp.experts
+        transposed, concatenated, _ = expert_layout(experts)
         stacks = {name: torch.empty(param.shape, dtype=self._dtype_for(f"mlp.experts.{name}"))
                   for name, param in experts.named_parameters(recurse=False)}
         mapped = 0
         for e in range(next(iter(stacks.values())).shape[0]):
-            rows = pack_expert(experts, self.family.read_expert(self.ckpt, index, e))
-            for name, row in rows.items():
-                if name not in stacks or tuple(row.shape) != tuple(stacks[name].shape[1:]):
-                    raise M2DError(f"layer {index}: expert {e}'s {name} has shape {tuple(row.shape)}, the config "
-                                   f"says {tuple(stacks[name].shape[1:]) if name in stacks else 'none'}")
-                stacks[name][e] = row
-                mapped += row.numel() * row.element_size()
+            weights = self.family.read_expert(self.ckpt, index, e)
+            try:
+                write_expert(stacks, e, weights, transposed, concatenated)
+            except M2DError as exc:
+                raise M2DError(f"layer {index}: {exc} (its config and weights disagree)") from None
+            mapped += sum(t.numel() * t.element_size() for t in vars(weights).values() if t is not None)
             if mapped >= RELEASE_BYTES:  # read pages of a mapped shard count as resident until it is unmapped
                 self.ckpt.release()
                 mapped = 0
