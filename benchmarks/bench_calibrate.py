@@ -16,7 +16,7 @@ Shapes: the committed fixture, a configurable random MoE, and Qwen3-30B-A3B's re
 (random weights, bf16).
 
     python benchmarks/bench_calibrate.py [--repeats 3] [--layers 8 --experts 32 --hidden 512 ...]
-                                         [--qwen3-layers 2 --qwen3-tokens 2048] [--only fixture,custom,qwen3]
+                                         [--qwen3-layers 2 --qwen3-tokens 8192] [--only fixture,custom,qwen3]
 """
 
 from __future__ import annotations
@@ -150,7 +150,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--dtype", default="float32", help="configurable shape's checkpoint dtype")
     parser.add_argument("--qwen3-layers", type=int, default=2, help="Qwen3-30B-A3B shapes: 1.2 GB per layer")
-    parser.add_argument("--qwen3-tokens", type=int, default=2048)
+    parser.add_argument("--qwen3-tokens", type=int, default=8192,
+                        help="enough that the forward, not the one-off load, dominates")
     args = parser.parse_args()
 
     import torch

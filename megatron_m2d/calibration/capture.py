@@ -26,11 +26,12 @@ _RECORDER = "_m2d_statistics"  # attribute of an experts module while its layer 
 
 
 # On CPU, bf16/fp16 matmuls go to oneDNN, which builds (JITs) a kernel for every new row count and caches it; the
-# routed row counts change every batch, so the exact per-expert products ran at 40-53 GFLOP/s in bf16 against
-# 260-350 when each expert's rows are rounded up to a multiple of 64 (2 cores, torch 2.13, 32 experts of
-# [512 -> 512] and [256 -> 512]; 165 against 266 at Qwen3-30B-A3B's [2048 -> 1536]). fp32 goes to MKL, which needs
-# no rounding and keeps the products bitwise those of torch's grouped_mm.
-ROW_MULTIPLE = {torch.bfloat16: 64, torch.float16: 64}
+# routed row counts change every batch, so the exact per-expert products ran at 89 GFLOP/s in bf16 over the first
+# 32 batches (201 over the next 32) against ~510 with each expert's rows rounded up to a multiple of 32 (2 cores,
+# torch 2.13, 32 experts of [512 -> 512]; 201-265 against 217-309 at Qwen3-30B-A3B's [2048 -> 1536], where the
+# rounding wastes an eighth of the rows). A multiple of 64 was no faster there and wastes twice as many. fp32 goes
+# to MKL, which needs no rounding and keeps the products bitwise those of torch's grouped_mm.
+ROW_MULTIPLE = {torch.bfloat16: 32, torch.float16: 32}
 
 
 def grouped_linear(inputs: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None,
