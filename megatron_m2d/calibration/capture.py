@@ -61,8 +61,8 @@ def grouped_linear(inputs: torch.Tensor, weight: torch.Tensor, offsets: torch.Te
 def recording_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                               top_k_weights: torch.Tensor) -> torch.Tensor:
     """transformers' `grouped_mm_experts_forward` (same operations, same result; see `grouped_linear` for CPU)
-    that also records the routed
-    expert outputs in the statistics attached to `self`. Without statistics attached it is transformers' own."""
+    that also records the routed expert outputs in the statistics attached to `self`. Without statistics attached
+    it is transformers' own."""
     stats = getattr(self, _RECORDER, None)
     if stats is None or getattr(self, "_is_expert_parallel", False):
         return hf_moe.grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)

@@ -84,8 +84,10 @@ def write_expert(stacks: dict[str, torch.Tensor], expert: int, weights, transpos
             found = "none" if value is None else tuple(value.shape)
             raise M2DError(f"expert {expert}'s {name} has shape {found}, the model expects {tuple(slot.shape)}")
         slot.copy_(value)
-    if {"gate_bias", "down_bias"} - set(slots) and (weights.gate_bias is not None or weights.down_bias is not None):
-        raise M2DError(f"expert {expert} has biases; the model's experts have none")
+    extra = [name for name in ("gate_bias", "up_bias", "down_bias")
+             if name not in slots and getattr(weights, name) is not None]
+    if extra:
+        raise M2DError(f"expert {expert} has {', '.join(extra)}; the model's experts have none")
 
 
 def pack_rows(weights, transposed: bool, concatenated: bool) -> dict[str, torch.Tensor]:
