@@ -8,9 +8,13 @@ Gram, routed output means, logit profiles) in its default settings; `--gram` add
 expert on every token). Every run is a fresh process reporting its wall time (after imports) and peak RSS
 (VmHWM); the variants are interleaved and repeated, and the table gives the median (machines are shared: ratios
 within one run are what to compare). The Gram pass's GEMM rate is set against the device's matmul ceiling, the
-best of its fp32 and bf16 GEMM rates, measured by the same process right after the pass: on this shared 2-core
-machine the bf16 ceiling moved between ~650 and ~1,600 GFLOP/s within one run (AMX units shared or not), so a
-ceiling taken minutes apart, or the best over a run, does not describe the conditions the pass ran in.
+best of its fp32 and bf16 GEMM rates (2048^3), measured by the same process in the same moments as the pass: the
+bf16 rate is sampled before every batch's Gram pass (outside its timing, and taken off the wall time) and its
+median used, because on this shared 2-core machine it moved between ~350 and ~1,800 GFLOP/s within one run (AMX
+units shared or not), so a ceiling measured once, minutes apart or even just before or after the pass, describes
+other conditions than the pass ran in. Beside it, the same process times one expert's forward alone at the
+layer's shape (GEMMs and SwiGLU gate) against a ceiling sampled right then: what the pass's kernels reach at that
+shape before the Gram GEMM and the output sums, which separates the shape's limits from the pass's.
 
 Shapes: the committed fixture, a configurable random MoE, and Qwen3-30B-A3B's real shapes with a few layers
 (random weights, bf16).
@@ -31,9 +35,10 @@ from pathlib import Path
 
 MATMUL_RATE = r"""
 import time, torch
-def matmul_rates(n=2048, repeats=5):
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+def matmul_rates(n=2048, repeats=5, names=tuple(DTYPES)):
     rates = {"threads": torch.get_num_threads()}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    for name, dtype in ((name, DTYPES[name]) for name in names):
         a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
         a @ b  # warm-up
         best = float("inf")
@@ -41,6 +46,21 @@ def matmul_rates(n=2048, repeats=5):
             t0 = time.perf_counter(); a @ b; best = min(best, time.perf_counter() - t0)
         rates[name] = 2 * n ** 3 / best / 1e9
     return rates
+
+def expert_rate(hidden, width, dtype, rows=2048, repeats=5):
+    # GFLOP/s of ONE expert's forward (gate/up GEMM, SwiGLU gate, down GEMM) on `rows` tokens at the layer's
+    # shape: what the Gram pass's kernels reach on their own, before its Gram GEMM and output sums.
+    F = torch.nn.functional
+    x, gate_up = torch.randn(rows, hidden).to(dtype), torch.randn(hidden, 2 * width).to(dtype)
+    down = torch.randn(width, hidden).to(dtype)
+    def forward():
+        gate, up = (x @ gate_up).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ down
+    forward()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter(); forward(); best = min(best, time.perf_counter() - t0)
+    return 2 * rows * 3 * hidden * width / best / 1e9
 """
 RUNNER = MATMUL_RATE + r"""
 import json, sys, time
@@ -49,7 +69,21 @@ from megatron_m2d.data.text import token_blocks
 mode, model, data, tokens, seq_len, batch, out = sys.argv[1:8]
 tokens, seq_len, batch = int(tokens), int(seq_len), int(batch)
 start = time.perf_counter()
-result = {}
+result, samples, sampling = {}, [], 0.0
+if mode == "gram":
+    # The bf16 ceiling, sampled before every batch's Gram pass (outside its timing, and taken off the wall time):
+    # on a shared machine it moves by several times within a run, so a ceiling measured once, before or after the
+    # pass, can describe other conditions than the pass ran in. The fp32 rate barely moves: measured once.
+    from megatron_m2d.calibration.statistics import MoEStatistics
+    fp32, timed_pass = matmul_rates(names=("fp32",))["fp32"], MoEStatistics.add_all_expert_gram
+    def sampled_pass(self, experts, x):
+        global sampling
+        t0 = time.perf_counter()
+        samples.append(matmul_rates(repeats=2, names=("bf16",))["bf16"])
+        sampling += time.perf_counter() - t0
+        return timed_pass(self, experts, x)
+    MoEStatistics.add_all_expert_gram = sampled_pass
+    start = time.perf_counter()
 if mode == "plain":
     from transformers import AutoModelForCausalLM, AutoTokenizer
     m = AutoModelForCausalLM.from_pretrained(model, dtype="auto").eval()
@@ -73,9 +107,16 @@ else:
     stats = calibrate(model, data, out, tokens=tokens, seq_len=seq_len, batch_size=batch, gram=(mode == "gram"),
                       progress=False, overwrite=True)
     result.update(dtype=stats.meta["dtype"], gram_seconds=stats.meta["gram_seconds"])
-result["seconds"] = time.perf_counter() - start
-if mode == "gram":  # the ceiling under the same load as the pass, seconds after it: shared machines drift
-    result["ceiling"] = matmul_rates()
+result["seconds"] = time.perf_counter() - start - sampling
+if mode == "gram":
+    samples.sort()
+    result["ceiling"] = {"threads": torch.get_num_threads(), "fp32": fp32, "bf16": samples[len(samples) // 2],
+                         "bf16_low": samples[0], "bf16_high": samples[-1]}
+    config = json.load(open(f"{model}/config.json"))
+    shares = sorted(  # each over a ceiling of the same moment; the median of five such pairs
+        expert_rate(config["hidden_size"], config["moe_intermediate_size"], getattr(torch, result["dtype"]))
+        / max(fp32, matmul_rates(repeats=2, names=("bf16",))["bf16"]) for _ in range(5))
+    result["expert_share"] = shares[2]
 hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 print(json.dumps({**result, "peak_mb": int(hwm.split()[1]) / 1024}))
 """
@@ -114,8 +155,8 @@ def bench_shape(name: str, model: Path, data: str, tokens: int, seq_len: int, ba
           f"{shape['hidden']}, expert width {shape['width']}, {shape['dtype']} checkpoint ({shape['size_mb']:,.0f} "
           f"MiB), {tokens:,} tokens, batches of {batch} x {seq_len}")
     print("| variant | compute dtype | seconds (median) | tokens/s | vs plain (median of runs) | peak RSS MiB | "
-          "Gram GFLOP/s | % of ceiling |")
-    print("|---|---|---|---|---|---|---|---|")
+          "Gram GFLOP/s | % of ceiling | one expert's forward, % of ceiling |")
+    print("|---|---|---|---|---|---|---|---|---|")
     plain = [r["seconds"] for r in runs["plain"]]
     moe_layers = shape["layers"]
     for variant in variants:
@@ -126,10 +167,12 @@ def bench_shape(name: str, model: Path, data: str, tokens: int, seq_len: int, ba
                                                                                     + shape["experts"])
             rates = [flops / r["gram_seconds"] / 1e9 for r in runs[variant]]
             shares = [rate / max(r["ceiling"]["fp32"], r["ceiling"]["bf16"]) for rate, r in zip(rates, runs[variant])]
+            bounds = [r["expert_share"] for r in runs[variant]]
             ceilings.extend(r["ceiling"] for r in runs[variant])
-            gram = f"{statistics.median(rates):,.0f} | {100 * statistics.median(shares):.0f} %"
+            gram = (f"{statistics.median(rates):,.0f} | {100 * statistics.median(shares):.0f} % | "
+                    f"{100 * statistics.median(bounds):.0f} %")
         else:
-            gram = " | "
+            gram = " | | "
         print(f"| {VARIANTS[variant]} | {runs[variant][0]['dtype']} | {statistics.median(seconds):.1f} | "
               f"{tokens / statistics.median(seconds):,.0f} | {statistics.median(ratios):.2f}x | "
               f"{max(r['peak_mb'] for r in runs[variant]):,.0f} | {gram} |")
@@ -182,12 +225,16 @@ def main() -> None:
                                       dtype=torch.bfloat16)
             bench_shape("Qwen3-30B-A3B shapes (random weights)", model, data, args.qwen3_tokens, args.seq_len,
                         args.batch_size, max(1, args.repeats - 1), variants, ceilings, out)
-    spread = {k: (min(c[k] for c in ceilings), max(c[k] for c in ceilings)) for k in ("fp32", "bf16")}
-    print(f"\nmatmul ceiling (best of 5 2048^3 GEMMs, {ceilings[0]['threads']} threads), over the {len(ceilings)} "
-          f"measurements of this run: fp32 {spread['fp32'][0]:,.0f}-{spread['fp32'][1]:,.0f} GFLOP/s, bf16 "
-          f"{spread['bf16'][0]:,.0f}-{spread['bf16'][1]:,.0f} GFLOP/s. The Gram's % is its rate over the ceiling "
-          f"measured in the same process right after the pass, median over runs.")
-
+    spread = {"fp32": (min(c["fp32"] for c in ceilings), max(c["fp32"] for c in ceilings)),
+              "bf16": (min(c.get("bf16_low", c["bf16"]) for c in ceilings),
+                       max(c.get("bf16_high", c["bf16"]) for c in ceilings))}
+    print(f"\nmatmul ceiling (2048^3 GEMMs, {ceilings[0]['threads']} threads) over this run: fp32 "
+          f"{spread['fp32'][0]:,.0f}-{spread['fp32'][1]:,.0f} GFLOP/s, bf16 {spread['bf16'][0]:,.0f}-"
+          f"{spread['bf16'][1]:,.0f} GFLOP/s. The Gram's % is its rate over the ceiling of the same moments (the "
+          f"median of bf16 rates sampled before every batch of the pass, or the fp32 rate if higher), median over "
+          f"runs. The last column is one expert's forward alone (its GEMMs and SwiGLU gate on 2,048 tokens) over a "
+          f"ceiling sampled right then: what these kernels reach at this shape before the Gram GEMM and the output "
+          f"sums; at small widths the elementwise gate costs about as much as the GEMMs.")
 
 if __name__ == "__main__":
     main()
