@@ -167,10 +167,10 @@ def bench_shape(name: str, model: Path, data: str, tokens: int, seq_len: int, ba
                                                                                     + shape["experts"])
             rates = [flops / r["gram_seconds"] / 1e9 for r in runs[variant]]
             shares = [rate / max(r["ceiling"]["fp32"], r["ceiling"]["bf16"]) for rate, r in zip(rates, runs[variant])]
-            bounds = [r["expert_share"] for r in runs[variant]]
+            expert_shares = [r["expert_share"] for r in runs[variant]]
             ceilings.extend(r["ceiling"] for r in runs[variant])
             gram = (f"{statistics.median(rates):,.0f} | {100 * statistics.median(shares):.0f} % | "
-                    f"{100 * statistics.median(bounds):.0f} %")
+                    f"{100 * statistics.median(expert_shares):.0f} %")
         else:
             gram = " | | "
         print(f"| {VARIANTS[variant]} | {runs[variant][0]['dtype']} | {statistics.median(seconds):.1f} | "
@@ -235,6 +235,7 @@ def main() -> None:
           f"runs. The last column is one expert's forward alone (its GEMMs and SwiGLU gate on 2,048 tokens) over a "
           f"ceiling sampled right then: what these kernels reach at this shape before the Gram GEMM and the output "
           f"sums; at small widths the elementwise gate costs about as much as the GEMMs.")
+
 
 if __name__ == "__main__":
     main()
