@@ -78,9 +78,9 @@ def measure_step(config, layout: Layout) -> dict:
         positions = torch.arange(seq).unsqueeze(0).expand(batch, seq)
         logits = model(ids, positions, attention_mask=causal_mask(seq))
         if torch.distributed.is_initialized():
-            # gloo's worker thread drops its reference to an all-reduced [b, s, h] activation a moment after the
-            # call returns; under load that moment fell after the mark (+256 KiB a time: the TP test failed once
-            # in CI at -3.4 %). A barrier queues behind those all-reduces, so they are done and released.
+            # Under load, one or two all-reduced [b, s, h] activations (256 KiB each) were still live at the mark,
+            # released a moment later by gloo's side (the TP test failed once in CI at -3.4 %). A barrier, which
+            # gloo runs after the all-reduces queued before it, let 22 runs on an overloaded machine measure alike.
             torch.distributed.barrier()
         trace.mark("forward_end")
     kept = trace.live("forward_end") - trace.live("forward_start") - logits.numel() * logits.element_size()
