@@ -145,6 +145,8 @@ def describe(model: Path) -> dict:
 
 def bench_shape(name: str, model: Path, data: str, tokens: int, seq_len: int, batch: int, repeats: int,
                 variants: list[str], ceilings: list[dict], out: Path) -> None:
+    from megatron_m2d.calibration.gram import gram_flops
+
     runs = {v: [] for v in variants}
     for _ in range(repeats):
         for variant in variants:  # interleaved, so that load from others falls on every variant alike
@@ -158,13 +160,11 @@ def bench_shape(name: str, model: Path, data: str, tokens: int, seq_len: int, ba
           "Gram GFLOP/s | % of ceiling | one expert's forward, % of ceiling |")
     print("|---|---|---|---|---|---|---|---|---|")
     plain = [r["seconds"] for r in runs["plain"]]
-    moe_layers = shape["layers"]
     for variant in variants:
         seconds = [r["seconds"] for r in runs[variant]]
         ratios = [p / s for p, s in zip(plain, seconds)]
         if variant == "gram":
-            flops = 2 * tokens * moe_layers * shape["experts"] * shape["hidden"] * (3 * shape["width"]
-                                                                                    + shape["experts"])
+            flops = shape["layers"] * gram_flops(shape["experts"], shape["hidden"], shape["width"], tokens)
             rates = [flops / r["gram_seconds"] / 1e9 for r in runs[variant]]
             shares = [rate / max(r["ceiling"]["fp32"], r["ceiling"]["bf16"]) for rate, r in zip(rates, runs[variant])]
             expert_shares = [r["expert_share"] for r in runs[variant]]
